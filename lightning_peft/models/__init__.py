@@ -1,0 +1,7 @@
+"""Ready-made LightningModules used by the Hydra entry point (your own modules work too)."""
+
+from .pooling import POOLINGS, pool
+from .schedules import linear_warmup_decay
+from .text_classifier import TextClassifier
+
+__all__ = ["POOLINGS", "TextClassifier", "linear_warmup_decay", "pool"]
