@@ -6,32 +6,48 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
 """
 
 from .backbone import BackboneSplit, find_backbone
-from .callbacks import FreezeBackbone, MetricsJSON, ParameterSummary
+from .callbacks import DiscriminativeLR, FreezeBackbone, GradualUnfreezing, MetricsJSON, ParameterSummary
 from .data import TextClassificationDataModule, load_text_dataset
-from .freezing import freeze, unfreeze
+from .discriminative import layer_lr_scales
+from .freezing import LayerFreezer, freeze, unfreeze
 from .hub import load_backbone, load_tokenizer, resolve_pretrained
+from .layer_groups import LayerGroup, format_layer_groups, layer_groups
 from .matching import match_module_names
-from .models import TextClassifier, linear_warmup_decay
+from .mixins import FinetuningConfig, FinetuningMixin
+from .models import TextClassifier, linear_warmup_decay, warmup_schedule
+from .param_groups import Placement, regroup_optimizer
 from .params import ParamCount, count_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackboneSplit",
+    "DiscriminativeLR",
+    "FinetuningConfig",
+    "FinetuningMixin",
     "FreezeBackbone",
+    "GradualUnfreezing",
+    "LayerFreezer",
+    "LayerGroup",
     "MetricsJSON",
     "ParamCount",
     "ParameterSummary",
+    "Placement",
     "TextClassificationDataModule",
     "TextClassifier",
     "count_parameters",
     "find_backbone",
+    "format_layer_groups",
     "freeze",
+    "layer_groups",
+    "layer_lr_scales",
     "linear_warmup_decay",
     "load_backbone",
     "load_text_dataset",
     "load_tokenizer",
     "match_module_names",
+    "regroup_optimizer",
     "resolve_pretrained",
     "unfreeze",
+    "warmup_schedule",
 ]

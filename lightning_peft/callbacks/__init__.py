@@ -1,7 +1,9 @@
 """Lightning callbacks: add them to any ``Trainer(callbacks=[...])`` without changing your module."""
 
+from .discriminative_lr import DiscriminativeLR
 from .freeze_backbone import FreezeBackbone
+from .gradual_unfreezing import GradualUnfreezing
 from .metrics_json import MetricsJSON
 from .parameter_summary import ParameterSummary
 
-__all__ = ["FreezeBackbone", "MetricsJSON", "ParameterSummary"]
+__all__ = ["DiscriminativeLR", "FreezeBackbone", "GradualUnfreezing", "MetricsJSON", "ParameterSummary"]

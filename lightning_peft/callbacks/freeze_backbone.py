@@ -1,4 +1,4 @@
-"""Linear probing / feature extraction as a callback: freeze the pretrained backbone, train the head."""
+"""Linear probing and partial fine-tuning as a callback: freeze the backbone but its top ``k`` layer groups."""
 
 from __future__ import annotations
 
@@ -7,72 +7,74 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
-from ..backbone import find_backbone
-from ..freezing import freeze, frozen_batchnorms, set_batchnorm_eval, unfreeze
-from ..matching import format_names
+from ..freezing import LayerFreezer
 from ..params import count_parameters
+from .layer_group_callback import LayerGroupCallback
 
 __all__ = ["FreezeBackbone"]
 
 
-class FreezeBackbone(pl.Callback):
-    """Freeze the pretrained backbone of any LightningModule so only the task head trains.
+class FreezeBackbone(LayerGroupCallback):
+    """Freeze the pretrained backbone of any LightningModule except its top ``train_top`` layer groups.
 
-    Works on an unchanged user module: the callback freezes in ``setup`` (before optimizers are
-    built), so a ``configure_optimizers`` that passes all parameters or only trainable ones both
-    leave the backbone bit-identical. BatchNorm layers of the frozen backbone are kept in eval mode
-    (their running statistics stay as pretrained) unless ``train_bn=True``, in which case their
-    affine parameters train too, as in Lightning's ``BaseFinetuning``.
+    ``train_top=0`` (default) is a linear probe / feature extraction: only the task head trains.
+    ``train_top=k`` is partial fine-tuning: the head and the last ``k`` blocks train. Works on an
+    unchanged user module: freezing happens in ``setup`` (before ``configure_optimizers``), so an
+    optimizer over ``self.parameters()`` or over trainable parameters only both leave the frozen
+    part bit-identical, and a resumed run freezes the same way. BatchNorm layers in frozen groups
+    stay in eval mode (running statistics as pretrained) unless ``train_bn=True``.
 
     Args:
-        backbone: module name patterns to freeze (exact, dotted suffix or ``re:<regex>``); default:
-            found automatically (``transformers``, ``timm`` or torchvision model inside the module).
-        train_bn: let BatchNorm layers of the backbone train (parameters and statistics).
+        train_top: backbone layer groups (from the top) that keep training besides the head.
+        train_bn: let BatchNorm layers of the frozen part train (parameters and statistics).
+        groups: explicit layer groups, input to output (module patterns); default: automatic.
+        backbone: module patterns naming the backbone when it is not recognised automatically.
 
     Example:
-        >>> trainer = pl.Trainer(callbacks=[FreezeBackbone()])  # doctest: +SKIP
+        >>> trainer = pl.Trainer(callbacks=[FreezeBackbone(train_top=2)])  # doctest: +SKIP
     """
 
-    def __init__(self, backbone: str | Sequence[str] | None = None, train_bn: bool = False) -> None:
-        self.backbone = [backbone] if isinstance(backbone, str) else (list(backbone) if backbone else None)
+    freezes = True
+
+    def __init__(
+        self,
+        train_top: int = 0,
+        train_bn: bool = False,
+        groups: Sequence[str | Sequence[str]] | None = None,
+        backbone: str | Sequence[str] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(groups=groups, backbone=backbone, verbose=verbose)
+        if train_top < 0:
+            raise ValueError(f"train_top must be >= 0 (0 trains only the head), got {train_top}")
+        self.train_top = train_top
         self.train_bn = train_bn
-        self.frozen_modules: list[str] = []
-        self._batchnorms: list[nn.Module] = []
+        self.freezer: LayerFreezer | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(backbone=self.backbone, train_bn=self.train_bn)
+        return self._generate_state_key(train_top=self.train_top, groups=self.group_patterns, backbone=self.backbone)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        split = find_backbone(pl_module, self.backbone)
-        backbones = [pl_module.get_submodule(n) for n in split.backbone]
-        heads = [pl_module.get_submodule(n) for n in split.head]
-        freeze(backbones)
-        unfreeze(heads)
-        if self.train_bn:
-            unfreeze(m for b in backbones for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-        self._batchnorms = [] if self.train_bn else frozen_batchnorms(backbones)
-        self.frozen_modules = list(split.backbone)
+    def on_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.freezer = LayerFreezer(pl_module, self.groups, train_bn=self.train_bn)
+        self.freezer.train_top(self.train_top)
         counts = count_parameters(pl_module)
+        trainable = [g.name for g in self.freezer.trainable_groups(self.train_top)]
         if counts.trainable == 0:
             raise ValueError(
-                f"FreezeBackbone froze every parameter of {type(pl_module).__name__}: nothing is left to "
-                f"train. Frozen modules: {format_names(split.backbone)}. Add a task head outside the "
-                "backbone, or pass backbone=[...] naming only the part to freeze."
+                f"FreezeBackbone(train_top={self.train_top}) left nothing to train in {type(pl_module).__name__}: "
+                f"the groups kept trainable ({', '.join(trainable) or 'none'}) have no trainable parameters. "
+                f"Layer groups: {', '.join(g.name for g in self.groups)}. Add a task head, raise train_top, "
+                "or pass groups=[...] / backbone=[...]."
             )
         rank_zero_info(
-            f"FreezeBackbone: froze {format_names(split.backbone)}"
-            + (f" (head kept trainable: {format_names(split.head)})" if split.head else "")
-            + f"; {counts.trainable:,} of {counts.total:,} parameters train."
+            f"FreezeBackbone: training {', '.join(trainable)}; {counts.trainable:,} of {counts.total:,} parameters train."
         )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        set_batchnorm_eval(self._batchnorms)
+        self.freezer.enforce_bn_eval()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # Cheap, and robust to user code that calls .train() inside the epoch.
-        set_batchnorm_eval(self._batchnorms)
+        self.freezer.enforce_bn_eval()
