@@ -104,3 +104,17 @@ def test_multirun_sweep_runs_each_job(tmp_path, tiny_bert_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "0" / "metrics.json").is_file() and (tmp_path / "1" / "metrics.json").is_file()
     assert "finetune=full" in result.stdout + result.stderr and "finetune=linear_probe" in result.stdout + result.stderr
+
+
+def test_strategy_knobs_are_command_line_overrides(compose):
+    from lightning_peft import DiscriminativeLR, GradualUnfreezing
+
+    def only(cfg):
+        (callback,) = instantiate_callbacks(cfg.finetune.callbacks)
+        return callback
+
+    assert only(compose("finetune=partial", "finetune.train_top=3")).train_top == 3
+    gradual = only(compose("finetune=gradual_unfreeze", "finetune.every_n_epochs=null", "finetune.steps=[20,40]"))
+    assert isinstance(gradual, GradualUnfreezing) and gradual.steps == [20, 40] and gradual.top_at(0, 25) == 1
+    discriminative = only(compose("finetune=discriminative", "finetune.decay=0.65", "finetune.head_lr_mult=5"))
+    assert isinstance(discriminative, DiscriminativeLR) and (discriminative.decay, discriminative.head_lr_mult) == (0.65, 5)

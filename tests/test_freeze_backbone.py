@@ -49,7 +49,7 @@ def test_without_callback_everything_trains():
 
 def test_freezing_everything_is_an_error():
     model = VisionClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)))
-    with pytest.raises(ValueError, match="nothing is left to train"):
+    with pytest.raises(ValueError, match="left nothing to train"):
         fit(model, image_loader(), [FreezeBackbone(backbone=["net"])])
 
 

@@ -71,3 +71,18 @@ def test_full_finetuning_changes_the_backbone(compose, tmp_path, tiny_bert_dir):
     assert any(k.startswith("encoder.layer.0.") for k in changed)
     assert any(k.startswith("embeddings.") for k in changed)
     assert not any(k.startswith("pooler.") for k in changed)  # unused by the classifier, kept frozen
+
+
+@pytest.mark.parametrize("strategy", ["partial", "gradual_unfreeze", "discriminative"])
+def test_each_strategy_trains_the_text_classifier(compose, tmp_path, tiny_bert_dir, strategy):
+    overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
+    cfg = compose(f"finetune={strategy}", *overrides, "trainer.max_epochs=2", "trainer.max_steps=-1", "finetune.lr=1e-2",  # 2 epochs of 4 steps
+                  "callbacks.model_checkpoint.monitor=null")  # keep the last checkpoint
+    metrics = train(cfg)
+    assert metrics["train/loss"] > 0 and 0 <= metrics["val/acc"] <= 1
+    changed = _backbone_change(tmp_path, tiny_bert_dir)
+    layer0 = any(k.startswith("encoder.layer.0.") for k in changed)
+    top = any(k.startswith("encoder.layer.1.") for k in changed)
+    # partial (top 2 of 3 groups), gradual (top group joins at epoch 1), discriminative (all train)
+    assert (layer0, top) == {"partial": (True, True), "gradual_unfreeze": (False, True), "discriminative": (True, True)}[strategy]
+    assert any(k.startswith("embeddings.") for k in changed) == (strategy == "discriminative")
