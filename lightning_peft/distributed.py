@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["distributed_world_size", "all_reduce_mean_"]
+__all__ = ["distributed_world_size", "all_reduce_mean_", "all_reduce_grads_mean_"]
 
 
 def distributed_world_size() -> int:
@@ -38,3 +38,24 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
         for t in group:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def all_reduce_grads_mean_(params: Sequence[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` across ranks (every rank must pass the same parameters, in order).
+
+    A parameter that got no gradient on some rank (unused in its batch) counts as a zero gradient
+    there, as under DDP; one with no gradient on any rank keeps ``grad=None`` so the optimizer skips it.
+    """
+    world = distributed_world_size()
+    if world == 1 or not params:
+        return
+    device = params[0].device
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(has_grad)
+    grads = []
+    for p, flag in zip(params, has_grad.tolist()):
+        if flag > 0:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    all_reduce_mean_(grads)

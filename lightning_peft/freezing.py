@@ -93,11 +93,17 @@ class LayerFreezer:
         for name, param in self.params.items():
             keep = name in trainable or (self.train_bn and name in self.bn_params)
             param.requires_grad_(keep and name in self.user_trainable)
-        self.frozen_batchnorms = [] if self.train_bn else [bn for bn, i in self._batchnorms if i not in indices]
+        frozen = [] if self.train_bn else [bn for bn, i in self._batchnorms if i not in indices]
+        # BatchNorm of a group that just unfroze must train again; Lightning only calls model.train() per epoch.
+        thawed = [bn for bn in self.frozen_batchnorms if all(bn is not f for f in frozen)]
+        self.frozen_batchnorms = frozen
+        for bn in thawed:
+            bn.train(self.model.training)
         self.top = top
         self.enforce_bn_eval()
 
     def enforce_bn_eval(self) -> None:
+        """Put the BatchNorm layers of frozen groups back in eval mode (after anything calls ``model.train()``)."""
         set_batchnorm_eval(self.frozen_batchnorms)
 
 

@@ -9,9 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from torch.optim import Optimizer
 
-from ..distributed import all_reduce_mean_
+from ..distributed import all_reduce_grads_mean_
 from ..freezing import LayerFreezer
 from .layer_group_callback import LayerGroupCallback
 
@@ -126,11 +125,12 @@ class GradualUnfreezing(LayerGroupCallback):
             self._set_top(self.top_at(trainer.current_epoch, trainer.global_step))
         self.freezer.enforce_bn_eval()
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after every backward, before AMP's unscale, so an overflow on one rank is seen by all.
         if self._ddp_reduced is None:
             return
-        late = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None and id(p) not in self._ddp_reduced]
-        all_reduce_mean_(late)
+        late = [p for p in pl_module.parameters() if p.requires_grad and id(p) not in self._ddp_reduced]
+        all_reduce_grads_mean_(late)
 
     def state_dict(self) -> dict[str, Any]:
         return {"top": self.freezer.top if self.freezer else None}
