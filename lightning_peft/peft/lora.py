@@ -1,0 +1,256 @@
+"""LoRA (Hu et al. 2021): y = base(x) + s·B·A·dropout(x), with s = alpha/r (or alpha/sqrt(r), rsLoRA).
+
+Works on ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv2d`` (A is a conv with the base kernel, B a 1x1
+conv) and ``nn.Embedding``. A starts random and B at zero, so the wrapped model starts unchanged
+(for embeddings A is zero and B Gaussian, as in PEFT, so gradients reach A through B). The
+rank-r term is computed low-rank first -- W + B·A is only formed when merging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MethodConfig
+from .layer import AdapterLayer
+from .registry import Site, register_layer, register_method
+from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
+
+__all__ = ["LoRAConfig", "LoRA", "LoRALayer", "lora_kind", "LORA_DEFAULT_TARGETS"]
+
+# Defaults per transformers model type (as in PEFT), timm class otherwise.
+LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "vit", "deit", "layoutlm"], ["query", "value"]),
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gptj", "bart", "mbart"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
+    "gpt2": ["c_attn"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "mpnet": ["q", "v"],
+    "t5": ["q", "v"],
+    "phi3": ["qkv_proj"],
+    "timm:VisionTransformer": ["qkv"],
+}
+
+Kind = Literal["linear", "conv1d", "conv2d", "embedding"]
+
+
+def lora_kind(module: nn.Module) -> Kind | None:
+    """Which LoRA form fits ``module``, or ``None`` when LoRA cannot wrap it."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    """LoRA options.
+
+    Args:
+        r: rank of the update.
+        alpha: scale numerator: the update is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``) times B·A.
+        dropout: dropout on the LoRA branch's input (not on embeddings).
+        use_rslora: rank-stabilised scaling alpha/sqrt(r) (Kalajievski 2023), better for large r.
+        rank_pattern / alpha_pattern: per-module overrides, ``{module pattern: value}`` (first match wins).
+        bias: ``"none"``; ``"lora_only"`` trains the biases of the wrapped layers; ``"all"`` every bias
+            of the model. Trained as a zero-initialised delta per adapter, so adapters stay switchable.
+        init: ``"kaiming"`` (uniform, as nn.Linear) or ``"gaussian"`` (std 1/r) for A.
+        adapter_dtype: ``"float32"`` keeps adapter weights in fp32 on fp16/bf16 bases; ``"base"`` uses the base dtype.
+        use_kernels: use the fused Triton kernel on CUDA for linear layers when it applies.
+        target_modules, exclude_modules, modules_to_save: see :class:`~lightning_peft.peft.config.MethodConfig`.
+    """
+
+    method = "lora"
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+    init: str = "kaiming"
+    adapter_dtype: str = "float32"
+    use_kernels: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        if int(self.r) != self.r or self.r < 1 or any(int(v) != v or v < 1 for v in self.rank_pattern.values()):
+            raise ValueError(f"LoRAConfig: r and rank_pattern values must be integers >= 1, got r={self.r}, rank_pattern={self.rank_pattern}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig: dropout must be in [0, 1), got {self.dropout}")
+        for key, valid in (("bias", ("none", "lora_only", "all")), ("init", ("kaiming", "gaussian")), ("adapter_dtype", ("float32", "base"))):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"LoRAConfig: unknown {key}={getattr(self, key)!r}; choose one of {list(valid)}")
+
+
+def _adapter_dtype(base: nn.Module, choice: str) -> torch.dtype:
+    dtype = base.weight.dtype
+    if choice == "float32" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+class LoRA(nn.Module):
+    """One LoRA adapter on one layer: ``lora_A``, ``lora_B`` (and ``bias_delta`` when biases train).
+
+    Shapes: linear / Conv1D A (r, in), B (out, r); Conv2d A (r, in, kh, kw), B (out, r, 1, 1);
+    embedding A (r, num_embeddings), B (embedding_dim, r).
+    """
+
+    def __init__(self, base: nn.Module, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = dict(spec)
+        self.kind: Kind = spec["kind"]
+        r = int(spec["r"])
+        self.scale = spec["alpha"] / (math.sqrt(r) if spec.get("rslora") else r)
+        factory = {"device": base.weight.device, "dtype": _adapter_dtype(base, spec.get("adapter_dtype", "float32"))}
+        weight = base.weight
+        if self.kind == "linear":
+            a_shape, b_shape, out = (r, base.in_features), (base.out_features, r), base.out_features
+        elif self.kind == "conv1d":
+            a_shape, b_shape, out = (r, weight.shape[0]), (weight.shape[1], r), weight.shape[1]
+        elif self.kind == "conv2d":
+            a_shape, b_shape, out = (r, base.in_channels, *base.kernel_size), (base.out_channels, r, 1, 1), base.out_channels
+        else:
+            a_shape, b_shape, out = (r, base.num_embeddings), (base.embedding_dim, r), None
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
+        self.bias_delta = nn.Parameter(torch.zeros(out, **factory)) if spec.get("bias") and out is not None else None
+        self.dropout = nn.Dropout(spec.get("dropout", 0.0)) if spec.get("dropout", 0.0) > 0 and self.kind != "embedding" else nn.Identity()
+        self.reset_parameters(spec.get("init", "kaiming"))
+
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        with torch.no_grad():
+            if self.kind == "embedding":
+                nn.init.zeros_(self.lora_A)
+                nn.init.normal_(self.lora_B)
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.lora_A.shape[0])
+                nn.init.zeros_(self.lora_B)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """The additive term s·B·A·dropout(x) (plus the bias delta), in the adapter's dtype."""
+        a, b = self.lora_A, self.lora_B
+        if x.is_floating_point() and x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        if self.kind == "embedding":
+            out = F.linear(F.embedding(x, a.t(), padding_idx=base.padding_idx), b) * self.scale
+        elif self.kind == "conv2d":
+            out = F.conv2d(base._conv_forward(self.dropout(x), a, None), b) * self.scale
+        else:
+            out = F.linear(F.linear(self.dropout(x), a), b) * self.scale
+        if self.bias_delta is not None:
+            out = out + (self.bias_delta.view(-1, 1, 1) if self.kind == "conv2d" else self.bias_delta)
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A laid out like the base weight (fp32): (out, in) / Conv1D (in, out) / conv (out, in, kh, kw) / embedding (num, dim)."""
+        a, b = self.lora_A.float(), self.lora_B.float()
+        if self.kind == "conv2d":
+            return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * self.scale
+        delta = (b @ a) * self.scale
+        return delta.t() if self.kind in ("conv1d", "embedding") else delta
+
+
+@register_layer
+class LoRALayer(AdapterLayer):
+    """A layer with LoRA adapters: ``base_layer(x) + Σ_active s·B·A·x`` (or the merged base alone)."""
+
+    method = "lora"
+
+    @classmethod
+    def make_adapter(cls, base: nn.Module, spec: dict[str, Any]) -> LoRA:
+        if lora_kind(base) != spec["kind"]:
+            raise ValueError(f"a LoRA adapter of kind {spec['kind']!r} does not fit a {type(base).__name__}")
+        return LoRA(base, spec)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routes = self.routes(x.shape[0])
+        fused = self._fused(x, routes) if routes and not args and not kwargs else None
+        if fused is not None:
+            return fused
+        y = self.base_layer(x, *args, **kwargs)
+        for names, index in routes:
+            xs = x if index is None else x.index_select(0, index.to(x.device))
+            delta = sum(self.adapters[n](xs, self.base_layer) for n in names).to(y.dtype)
+            y = y + delta if index is None else y.index_add(0, index.to(y.device), delta)
+        return y
+
+    def _fused(self, x: torch.Tensor, routes: list) -> torch.Tensor | None:
+        """The fused Triton kernel for one whole-batch adapter on a CUDA linear layer, else ``None``."""
+        if len(routes) != 1 or not x.is_cuda:
+            return None
+        names, index = routes[0]
+        if index is not None or len(names) != 1:
+            return None
+        adapter = self.adapters[names[0]]
+        if adapter.kind != "linear" or not self.configs[names[0]].use_kernels:
+            return None
+        from ..kernels import kernels_enabled, lora_linear
+
+        if not kernels_enabled():
+            return None
+        base = self.base_layer
+        bias = base.bias
+        if adapter.bias_delta is not None:
+            bias = adapter.bias_delta if bias is None else bias + adapter.bias_delta.to(bias.dtype)
+        p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) and self.training else 0.0
+        return lora_linear(x, base.weight, bias, adapter.lora_A, adapter.lora_B, adapter.scale, dropout_p=p)
+
+    def _merge(self, name: str) -> None:
+        adapter = self.adapters[name]
+        weight = self.base_layer.weight
+        weight.add_(adapter.delta_weight().to(weight.dtype))
+        if adapter.bias_delta is not None:
+            self.base_layer.bias.add_(adapter.bias_delta.to(self.base_layer.bias.dtype))
+
+    def _unmerge(self, name: str) -> None:
+        adapter = self.adapters[name]
+        weight = self.base_layer.weight
+        weight.sub_(adapter.delta_weight().to(weight.dtype))
+        if adapter.bias_delta is not None:
+            self.base_layer.bias.sub_(adapter.bias_delta.to(self.base_layer.bias.dtype))
+
+
+def plan_lora(model: nn.Module, config: LoRAConfig, modules_to_save: list[str]) -> list[Site]:
+    """LoRA sites for the targets (rank/alpha overrides applied); with ``bias="all"`` BitFit sites for other biases."""
+    targets = resolve_targets(model, config, lambda m: lora_kind(m) is not None, LORA_DEFAULT_TARGETS, "LoRA target_modules", skip=modules_to_save)
+    sites = []
+    for name in targets:
+        base = model.get_submodule(name)
+        base = getattr(base, "base_layer", base)
+        spec = {
+            "kind": lora_kind(base),
+            "r": int(pattern_value(name, config.rank_pattern, config.r)),
+            "alpha": float(pattern_value(name, config.alpha_pattern, config.alpha)),
+            "dropout": config.dropout,
+            "rslora": config.use_rslora,
+            "init": config.init,
+            "adapter_dtype": config.adapter_dtype,
+            "bias": config.bias != "none" and getattr(base, "bias", None) is not None,
+        }
+        sites.append(Site(name, "lora", spec))
+    if config.bias == "all":
+        wrapped = set(targets)
+        sites.extend(Site(n, "bitfit", {}) for n in iter_bias_modules(model, skip=modules_to_save) if n not in wrapped)
+    return sites
+
+
+register_method("lora", LoRAConfig, plan_lora)
