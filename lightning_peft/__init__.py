@@ -6,48 +6,77 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
 """
 
 from .backbone import BackboneSplit, find_backbone
-from .callbacks import DiscriminativeLR, FreezeBackbone, GradualUnfreezing, MetricsJSON, ParameterSummary
+from .callbacks import PEFT, DiscriminativeLR, FreezeBackbone, GradualUnfreezing, MetricsJSON, ParameterSummary
 from .data import TextClassificationDataModule, load_text_dataset
 from .discriminative import layer_lr_scales
 from .freezing import LayerFreezer, freeze, unfreeze
 from .hub import load_backbone, load_tokenizer, resolve_pretrained
 from .layer_groups import LayerGroup, format_layer_groups, layer_groups
 from .matching import match_module_names
-from .mixins import FinetuningConfig, FinetuningMixin
+from .mixins import FinetuningConfig, FinetuningMixin, PEFTMixin
 from .models import TextClassifier, linear_warmup_decay, warmup_schedule
 from .param_groups import Placement, regroup_optimizer
 from .params import ParamCount, count_parameters
+from .peft import (
+    ALL_LINEAR, AdapterLayer, BitFitConfig, IA3Config, LoRAConfig, MethodConfig, active_adapters, adapter_batch,
+    adapter_config, adapter_state_dict, delete_adapter, disable_adapters, export_peft, import_peft, inject,
+    list_adapters, load_adapter, merge, merge_and_unload, save_adapter, set_adapter, unmerge,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "active_adapters",
+    "adapter_batch",
+    "adapter_config",
+    "adapter_state_dict",
+    "AdapterLayer",
+    "ALL_LINEAR",
     "BackboneSplit",
+    "BitFitConfig",
+    "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
     "DiscriminativeLR",
+    "export_peft",
+    "find_backbone",
     "FinetuningConfig",
     "FinetuningMixin",
-    "FreezeBackbone",
-    "GradualUnfreezing",
-    "LayerFreezer",
-    "LayerGroup",
-    "MetricsJSON",
-    "ParamCount",
-    "ParameterSummary",
-    "Placement",
-    "TextClassificationDataModule",
-    "TextClassifier",
-    "count_parameters",
-    "find_backbone",
     "format_layer_groups",
     "freeze",
+    "FreezeBackbone",
+    "GradualUnfreezing",
+    "IA3Config",
+    "import_peft",
+    "inject",
     "layer_groups",
     "layer_lr_scales",
+    "LayerFreezer",
+    "LayerGroup",
     "linear_warmup_decay",
+    "list_adapters",
+    "load_adapter",
     "load_backbone",
     "load_text_dataset",
     "load_tokenizer",
+    "LoRAConfig",
     "match_module_names",
+    "merge",
+    "merge_and_unload",
+    "MethodConfig",
+    "MetricsJSON",
+    "ParamCount",
+    "ParameterSummary",
+    "PEFT",
+    "PEFTMixin",
+    "Placement",
     "regroup_optimizer",
     "resolve_pretrained",
+    "save_adapter",
+    "set_adapter",
+    "TextClassificationDataModule",
+    "TextClassifier",
     "unfreeze",
+    "unmerge",
     "warmup_schedule",
 ]

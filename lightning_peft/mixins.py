@@ -1,4 +1,4 @@
-"""``FinetuningMixin``: ``configure_optimizers`` with layer-wise learning rates, for new LightningModules."""
+"""Mixins for new LightningModules: ``FinetuningMixin`` (layer-wise learning rates) and ``PEFTMixin`` (adapters)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from .discriminative import discriminative_plan
 from .layer_groups import layer_groups
 from .models.schedules import warmup_schedule
 from .param_groups import split_param_group
+from .peft.checkpoint import AdapterOnlyCheckpoints
+from .peft.config import MethodConfig
+from .peft.io import save_adapter
+from .peft.model import inject, list_adapters
+from .peft.registry import config_from_dict
 
-__all__ = ["FinetuningConfig", "FinetuningMixin", "OPTIMIZERS"]
+__all__ = ["FinetuningConfig", "FinetuningMixin", "OPTIMIZERS", "PEFTMixin"]
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -89,3 +94,46 @@ class FinetuningMixin:
         optimizer = OPTIMIZERS[cfg.optimizer](self.finetuning_param_groups(), lr=cfg.lr, **cfg.optimizer_kwargs)
         scheduler = warmup_schedule(optimizer, self.trainer.estimated_stepping_batches, cfg.warmup_ratio, cfg.scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PEFTMixin:
+    """Add to a new ``LightningModule`` to train an adapter: set ``self.peft_config`` in ``__init__``.
+
+    The adapter is injected in ``configure_model`` (after your ``__init__`` built the model, before
+    optimizers and DDP). If you override ``configure_model`` to build the model there, call
+    ``super().configure_model()`` at its end. ``peft_config`` is a method config or its dict (with
+    ``method``, e.g. from Hydra). With ``peft_adapter_only_checkpoint = True`` checkpoints hold only
+    the adapter (see :class:`~lightning_peft.PEFT`).
+
+    Example:
+        >>> class MyModel(PEFTMixin, pl.LightningModule):  # doctest: +SKIP
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.backbone, self.head = AutoModel.from_pretrained(...), nn.Linear(384, 5)
+        ...         self.peft_config = LoRAConfig(r=8)
+    """
+
+    peft_config: MethodConfig | Mapping[str, Any] | None = None
+    peft_adapter_name: str = "default"
+    peft_adapter_only_checkpoint: bool = False
+
+    def configure_model(self) -> None:
+        super().configure_model()  # type: ignore[misc]
+        if self.peft_config is None:
+            raise ValueError(f"{type(self).__name__} uses PEFTMixin but sets no self.peft_config (e.g. LoRAConfig(r=8))")
+        config = self.peft_config if isinstance(self.peft_config, MethodConfig) else config_from_dict(dict(self.peft_config))
+        if self.peft_adapter_name not in list_adapters(self):
+            inject(self, config, self.peft_adapter_name)
+        if self.peft_adapter_only_checkpoint:
+            if getattr(self, "_peft_checkpoints", None) is None:
+                self._peft_checkpoints = AdapterOnlyCheckpoints()
+            self._peft_checkpoints.attach(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        if getattr(self, "_peft_checkpoints", None) is not None:
+            self._peft_checkpoints.shrink(self, checkpoint)
+
+    def save_adapter(self, path: str) -> None:
+        """Write the adapter alone (``adapter.safetensors`` + ``adapter.json``) to folder ``path``."""
+        save_adapter(self, path, self.peft_adapter_name)

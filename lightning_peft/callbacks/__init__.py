@@ -5,5 +5,6 @@ from .freeze_backbone import FreezeBackbone
 from .gradual_unfreezing import GradualUnfreezing
 from .metrics_json import MetricsJSON
 from .parameter_summary import ParameterSummary
+from .peft import PEFT
 
-__all__ = ["DiscriminativeLR", "FreezeBackbone", "GradualUnfreezing", "MetricsJSON", "ParameterSummary"]
+__all__ = ["DiscriminativeLR", "FreezeBackbone", "GradualUnfreezing", "MetricsJSON", "PEFT", "ParameterSummary"]

@@ -19,6 +19,7 @@ from torch import nn
 from ..layer_groups import LayerGroup, format_layer_groups, layer_groups
 from ..matching import format_names
 from ..param_groups import Placement, regroup_optimizer
+from .peft import PEFT
 
 __all__ = ["LayerGroupCallback", "apply_optimizer_policies", "describe_param_groups"]
 
@@ -56,6 +57,9 @@ class LayerGroupCallback(pl.Callback):
                     f"Only one freezing callback per Trainer: got {', '.join(owners)}. GradualUnfreezing(initial=k) "
                     "already starts like FreezeBackbone(train_top=k)."
                 )
+        for callback in trainer.callbacks:  # adapters first: the groups then hold them, and only they train
+            if isinstance(callback, PEFT):
+                callback.ensure_injected(trainer, pl_module)
         self.groups = layer_groups(pl_module, self.group_patterns, self.backbone)
         self.group_of = {n: g.name for g in self.groups for n in g.params}
         self.on_groups(trainer, pl_module)
@@ -95,9 +99,15 @@ def apply_optimizer_policies(trainer: pl.Trainer, pl_module: pl.LightningModule)
     adopt: list[nn.Parameter] = []
     if any(c.adopts_frozen for c in policies):
         present = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
-        adopt = [p for p in pl_module.parameters() if id(p) not in present]
+        # Only what a freezer may unfreeze: never the parameters frozen before it (a base under adapters).
+        may_train: set[str] = set()
+        for c in trainer.callbacks:
+            if isinstance(c, LayerGroupCallback) and getattr(c, "freezer", None) is not None:
+                may_train |= c.freezer.user_trainable
+        names = [n for n, p in pl_module.named_parameters() if id(p) not in present and n in may_train]
+        params = dict(pl_module.named_parameters())
+        adopt = [params[n] for n in names]
         if adopt and len(trainer.optimizers) > 1:
-            names = [n for n, p in pl_module.named_parameters() if id(p) not in present]
             raise ValueError(
                 f"{len(trainer.optimizers)} optimizers and {len(names)} parameters in none of them "
                 f"({format_names(names, 8)}): cannot tell which optimizer should train them once unfrozen. "

@@ -1,0 +1,228 @@
+"""Parameter-efficient fine-tuning as a callback: inject an adapter into an unchanged LightningModule.
+
+Injection happens in ``setup`` (or right after the module's own ``configure_model``, when it builds
+its model there), before Lightning builds optimizers or wraps the model for DDP, so
+``configure_optimizers`` over trainable parameters (or all of them) sees the adapter. With
+``adapter_only_checkpoint=True`` Lightning checkpoints keep only what the base model cannot
+rebuild (adapter tensors, parameters that train, buffers) plus a fingerprint of the frozen base;
+loading one -- to resume, validate or test -- takes the frozen weights from the live model after
+checking the fingerprint, so strict loading stays on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from ..matching import format_names
+from ..params import count_parameters
+from ..peft.checkpoint import AdapterOnlyCheckpoints
+from ..peft.config import MethodConfig
+from ..peft.io import adapter_metadata, export_peft, save_adapter
+from ..peft.layer import adapter_layers
+from ..peft.model import inject, list_adapters, set_adapter
+from ..peft.registry import config_from_dict
+
+__all__ = ["PEFT"]
+
+_TRAP_HINT = (
+    "Usual cause: re-entrant activation checkpointing (use_reentrant=True) whose block inputs do not require grad, "
+    "so the adapters inside the blocks get no gradient. Use use_reentrant=False, or make the input embeddings' "
+    "output require grad (transformers: model.enable_input_require_grads())."
+)
+
+
+class _FirstStepProbe:
+    """Records, during the first training batch, whether each layer of an adapter ran and with which grad mode."""
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        self.modes: dict[str, set[bool]] = {}
+        self.handles = [
+            layer.register_forward_pre_hook(lambda m, args, name=name: self.modes.setdefault(name, set()).add(torch.is_grad_enabled()))
+            for name, layer in adapter_layers(module) if adapter_name in layer.adapters
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class PEFT(pl.Callback):
+    """Fine-tune any LightningModule with a parameter-efficient method, leaving the module's code as it is.
+
+    Args:
+        config: the method, e.g. ``LoRAConfig(r=8)``, ``IA3Config()``, ``BitFitConfig()`` (or its dict with ``method``).
+        adapter_name: name of the adapter (several PEFT callbacks can add several adapters).
+        adapter_only_checkpoint: Lightning checkpoints hold only the adapter, trainable parameters and
+            buffers (small files); resuming and ``trainer.validate(ckpt_path=...)`` work as usual.
+        save_dir: when set, write the adapter there at the end of fit (``adapter.safetensors`` + ``adapter.json``).
+        export_peft: with ``save_dir``, also write Hugging Face PEFT's layout to ``<save_dir>/peft`` (LoRA).
+        check_gradients: in the first training step, fail loudly when adapter layers ran but got no
+            gradient (re-entrant gradient checkpointing with inputs that do not require grad: the layers
+            would silently stay untrained) and warn about adapter layers your forward never uses.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[PEFT(LoRAConfig(r=8), adapter_only_checkpoint=True)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: MethodConfig | Mapping[str, Any],
+        adapter_name: str = "default",
+        adapter_only_checkpoint: bool = False,
+        save_dir: str | Path | None = None,
+        export_peft: bool = False,
+        check_gradients: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        self.config = config if isinstance(config, MethodConfig) else config_from_dict(dict(config))
+        self.adapter_name = adapter_name
+        self.adapter_only_checkpoint = adapter_only_checkpoint
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.export_peft = export_peft
+        self.check_gradients = check_gradients
+        self.verbose = verbose
+        self._checked = False
+        self._probe: _FirstStepProbe | None = None
+        self._checkpoints = AdapterOnlyCheckpoints() if adapter_only_checkpoint else None
+        self._module: nn.Module | None = None
+        self._deferred = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(adapter_name=self.adapter_name, method=self.config.method)
+
+    # --- injection ------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.ensure_injected(trainer, pl_module)
+
+    def ensure_injected(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Inject now, or right after the module's ``configure_model`` when it builds its model there (idempotent).
+
+        Layer-group callbacks call this first, so they see the adapter whatever the callback order.
+        """
+        if is_overridden("configure_model", pl_module) and not getattr(pl_module, "_lightning_peft_configured", False):
+            if not self._deferred:
+                self._after_configure_model(trainer, pl_module)
+                self._deferred = True
+            return
+        self.inject_now(trainer, pl_module)
+
+    def _after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The module builds its model in ``configure_model`` (after ``setup``): inject right after it."""
+        original = pl_module.configure_model
+        if getattr(original, "_lightning_peft_hooks", None) is not None:
+            original._lightning_peft_hooks.append(lambda: self.inject_now(trainer, pl_module))
+            return
+        hooks = [lambda: self.inject_now(trainer, pl_module)]
+
+        def configure_model() -> None:
+            original()
+            pl_module._lightning_peft_configured = True
+            for hook in hooks:
+                hook()
+
+        configure_model._lightning_peft_hooks = hooks
+        pl_module.configure_model = configure_model
+
+    def inject_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Inject the adapter if it is not there yet (idempotent: fit, then validate, inject once)."""
+        self._module = pl_module
+        if self.adapter_name in list_adapters(pl_module):
+            if self._checkpoints is not None:
+                self._checkpoints.attach(pl_module)
+            return
+        inject(pl_module, self.config, self.adapter_name)
+        others = [c for c in trainer.callbacks if isinstance(c, PEFT) and c is not self and c.adapter_name in list_adapters(pl_module)]
+        if others:  # several PEFT callbacks: every injected adapter stays active and trains
+            set_adapter(pl_module, list(dict.fromkeys([*(c.adapter_name for c in others), self.adapter_name])))
+        if self._checkpoints is not None:
+            self._checkpoints.attach(pl_module)
+        if self.verbose:
+            counts = count_parameters(pl_module)
+            wrapped = sum(1 for _, layer in adapter_layers(pl_module) if self.adapter_name in layer.adapters)
+            rank_zero_info(
+                f"PEFT: {self.config.method} adapter {self.adapter_name!r} on {wrapped} modules; "
+                f"{counts.trainable:,} of {counts.total:,} parameters train ({counts.percent:.2f}%)"
+            )
+
+    # --- the gradient-checkpointing trap --------------------------------------------------------
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.check_gradients and not self._checked and self._probe is None:
+            self._probe = _FirstStepProbe(pl_module, self.adapter_name)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self._probe is not None and isinstance(loss, torch.Tensor) and not loss.requires_grad:
+            self._finish_probe()
+            raise RuntimeError(
+                f"The training loss does not depend on any trainable parameter of adapter {self.adapter_name!r} (it does "
+                f"not require grad). {_TRAP_HINT}"
+            )
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._probe is None:
+            return
+        modes = self._probe.modes
+        self._finish_probe()
+        untrained: dict[str, list[str]] = {}
+        for name, layer in adapter_layers(pl_module):
+            if self.adapter_name in layer.adapters:
+                missing = [f"{name}.{k}" for k, p in layer.adapters[self.adapter_name].named_parameters() if p.requires_grad and p.grad is None]
+                if missing:
+                    ran = modes.get(name, set())
+                    untrained.setdefault("trap" if ran == {False} else "detached" if ran else "unused", []).extend(missing)
+        if "trap" in untrained:
+            raise RuntimeError(
+                f"{len(untrained['trap'])} parameters of adapter {self.adapter_name!r} ran in the forward pass only without "
+                f"gradient tracking and received no gradient: {format_names(untrained['trap'], 6)}. {_TRAP_HINT}"
+            )
+        if untrained:
+            names = untrained.get("unused", []) + untrained.get("detached", [])
+            rank_zero_warn(
+                f"PEFT: {len(names)} parameters of adapter {self.adapter_name!r} got no gradient in the first backward pass "
+                f"and will not train: {format_names(names, 6)}. HINT: their modules are not used by your forward (e.g. an "
+                "unused pooler) or their output is detached; leave them out with exclude_modules=[...] (DDP needs that too)."
+            )
+
+    def _finish_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+        self._probe = None
+        self._checked = True
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The adapter's config and sites: what :func:`~lightning_peft.load_adapter` needs to rebuild it from the checkpoint."""
+        if self._module is None or self.adapter_name not in list_adapters(self._module):
+            return {}
+        return adapter_metadata(self._module, self.adapter_name)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.shrink(pl_module, checkpoint)
+
+    # --- saving the adapter at the end of fit ------------------------------------------------
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_dir is not None:
+            self._save(pl_module)
+
+    @rank_zero_only
+    def _save(self, pl_module: pl.LightningModule) -> None:
+        save_adapter(pl_module, self.save_dir, self.adapter_name)
+        message = f"PEFT: adapter {self.adapter_name!r} saved to {self.save_dir}"
+        if self.export_peft:
+            export_peft(pl_module, self.save_dir / "peft", self.adapter_name)
+            message += f" (PEFT layout in {self.save_dir / 'peft'})"
+        rank_zero_info(message)
+
