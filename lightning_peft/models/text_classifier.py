@@ -55,10 +55,10 @@ class TextClassifier(pl.LightningModule):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.backbone = load_backbone(name_or_path)
-        # The encoder's own pooler is unused here; frozen so it never waits for a gradient (DDP).
-        pooler = getattr(self.backbone, "pooler", None)
-        if isinstance(pooler, nn.Module):
-            pooler.requires_grad_(False)
+        # The encoder's own pooler (BERT's tanh layer over [CLS]) is never used here: removed, so that it
+        # neither waits for a gradient under DDP nor receives adapters that could never train.
+        if isinstance(getattr(self.backbone, "pooler", None), nn.Module):
+            self.backbone.pooler = None
         hidden = self.backbone.config.hidden_size
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
         self.optimizer_factory = optimizer
