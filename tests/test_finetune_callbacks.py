@@ -120,7 +120,10 @@ def test_unfrozen_parameters_join_at_the_scheduled_rate_and_frozen_ones_have_no_
     groups = {g["layer_group"]: g for g in opt.param_groups}
     assert set(groups) == {"bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2", "head"}
     assert len({g["lr"] for g in opt.param_groups}) == 1  # all follow the user's LinearLR, no multiplier
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    never_trains = {n for n, p in model.named_parameters() if n.startswith("bert.pooler.")}  # frozen by the user
+    assert {n for n, p in model.named_parameters() if id(p) in in_optimizer} == {n for n, _ in model.named_parameters()} - never_trains
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(in_optimizer)  # no parameter twice
     in_state = {id(p) for p in opt.state}
     assert all(id(p) in in_state for n, p in model.named_parameters() if n.startswith("bert.encoder.layer.2.attention"))
     assert not any(id(p) in in_state for n, p in model.named_parameters() if n.startswith(("bert.embeddings.", "bert.encoder.layer.0.")))

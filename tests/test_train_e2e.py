@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
+from lightning_peft import TextClassifier, inject, list_adapters, load_adapter
+from lightning_peft.peft import adapter_state_dict, config_from_dict
 from lightning_peft.training import train
 
 
@@ -54,7 +56,8 @@ def _backbone_change(run_dir: Path, pretrained_dir: str) -> set[str]:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     pretrained = BertModel.from_pretrained(pretrained_dir).state_dict()
     assert any(k.startswith("head.") for k in state)
-    return {k for k, v in pretrained.items() if not torch.equal(state[f"backbone.{k}"], v)}
+    assert not any(k.startswith("backbone.pooler.") for k in state)  # unused by the classifier: not part of it
+    return {k for k, v in pretrained.items() if not k.startswith("pooler.") and not torch.equal(state[f"backbone.{k}"], v)}
 
 
 def test_linear_probe_leaves_the_pretrained_backbone_bit_identical(compose, tmp_path, tiny_bert_dir):
@@ -70,7 +73,6 @@ def test_full_finetuning_changes_the_backbone(compose, tmp_path, tiny_bert_dir):
     changed = _backbone_change(tmp_path, tiny_bert_dir)
     assert any(k.startswith("encoder.layer.0.") for k in changed)
     assert any(k.startswith("embeddings.") for k in changed)
-    assert not any(k.startswith("pooler.") for k in changed)  # unused by the classifier, kept frozen
 
 
 @pytest.mark.parametrize("strategy", ["partial", "gradual_unfreeze", "discriminative"])
@@ -86,3 +88,24 @@ def test_each_strategy_trains_the_text_classifier(compose, tmp_path, tiny_bert_d
     # partial (top 2 of 3 groups), gradual (top group joins at epoch 1), discriminative (all train)
     assert (layer0, top) == {"partial": (True, True), "gradual_unfreeze": (False, True), "discriminative": (True, True)}[strategy]
     assert any(k.startswith("embeddings.") for k in changed) == (strategy == "discriminative")
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
+def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_bert_dir, method):
+    overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
+    cfg = compose(f"peft={method}", *overrides, "callbacks.model_checkpoint.monitor=null")
+    metrics = train(cfg)
+    assert metrics["train/loss"] > 0 and 0 <= metrics["val/acc"] <= 1
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert not any(k.startswith("backbone.embeddings.word_embeddings") for k in state)  # adapter-only checkpoint
+    saved = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert saved["config"]["method"] == method
+    assert (tmp_path / "adapter" / "peft" / "adapter_config.json").exists() == (method == "lora")
+    trained = TextClassifier(tiny_bert_dir, num_classes=5)
+    load_adapter(trained, ckpt)
+    assert list_adapters(trained) == ["default"]
+    untrained = inject(TextClassifier(tiny_bert_dir, num_classes=5), config_from_dict(saved["config"]))
+    start, end = adapter_state_dict(untrained), adapter_state_dict(trained)
+    deterministic_at_init = [k for k in start if k.startswith("backbone.") and not k.endswith("lora_A")]  # B = 0, l = 1, delta = 0
+    assert deterministic_at_init and any(not torch.equal(start[k], end[k]) for k in deterministic_at_init), "the adapter did not train"

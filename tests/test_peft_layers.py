@@ -1,0 +1,200 @@
+"""Each wrapped layer type against the plain math; zero change at init; merge/unmerge round trips."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_peft import BitFitConfig, IA3Config, LoRAConfig, inject, merge, merge_and_unload, unmerge
+from tiny_models import MODELS, output, randomize
+
+
+def holder(**layers: nn.Module) -> nn.Module:
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _random_lora(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    adapter = layer.adapters["default"]
+    with torch.no_grad():
+        adapter.lora_A.normal_()
+        adapter.lora_B.normal_()
+    return adapter.lora_A.detach(), adapter.lora_B.detach()
+
+
+def test_lora_linear_is_base_plus_scaled_low_rank_product():
+    torch.manual_seed(0)
+    model = holder(fc=nn.Linear(13, 11))
+    w, b = model.fc.weight.detach().clone(), model.fc.bias.detach().clone()
+    inject(model, LoRAConfig(r=3, alpha=6.0, target_modules=["fc"], modules_to_save=None))
+    a, bb = _random_lora(model.fc)
+    x = torch.randn(2, 5, 13)
+    expected = x @ w.T + b + (6.0 / 3) * (x @ a.T) @ bb.T
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_conv1d_gpt2_layout():
+    torch.manual_seed(0)
+    model = holder(c_attn=Conv1D(9, 7))  # nf=9 outputs, nx=7 inputs; weight stored (in, out)
+    w, b = model.c_attn.weight.detach().clone(), model.c_attn.bias.detach().clone()
+    inject(model, LoRAConfig(r=2, alpha=4.0, target_modules=["c_attn"], modules_to_save=None))
+    a, bb = _random_lora(model.c_attn)
+    assert a.shape == (2, 7) and bb.shape == (9, 2)  # the same shapes as for nn.Linear(7, 9), as PEFT stores them
+    x = torch.randn(3, 4, 7)
+    torch.testing.assert_close(model(x), x @ w + b + 2.0 * (x @ a.T) @ bb.T, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_conv2d_equals_a_conv_with_the_composite_kernel():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, kernel_size=3, stride=2, padding=1)
+    model = holder(conv=conv)
+    w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    inject(model, LoRAConfig(r=4, alpha=8.0, target_modules=["conv"], modules_to_save=None))
+    a, bb = _random_lora(model.conv)
+    assert a.shape == (4, 5, 3, 3) and bb.shape == (6, 4, 1, 1)
+    composite = torch.einsum("or,rikl->oikl", bb[:, :, 0, 0], a) * 2.0  # sum_j B[o, j] A[j, i]
+    x = torch.randn(2, 5, 9, 9)
+    expected = F.conv2d(x, w + composite, b, stride=2, padding=1)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_embedding_adds_rows_of_the_low_rank_table():
+    torch.manual_seed(0)
+    model = holder(emb=nn.Embedding(17, 8, padding_idx=0))
+    w = model.emb.weight.detach().clone()
+    inject(model, LoRAConfig(r=3, alpha=3.0, target_modules=["emb"], modules_to_save=None))
+    a, bb = _random_lora(model.emb)
+    assert a.shape == (3, 17) and bb.shape == (8, 3)
+    ids = torch.tensor([[0, 5, 16], [3, 3, 1]])
+    torch.testing.assert_close(model(ids), w[ids] + (a.T[ids] @ bb.T) * 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_scale_and_per_module_rank_and_alpha_overrides():
+    model = holder(a=nn.Linear(8, 8), b=nn.Linear(8, 8))
+    config = LoRAConfig(r=4, alpha=8.0, use_rslora=True, rank_pattern={"b": 2}, alpha_pattern={"re:b": 1.0}, target_modules=["a", "b"], modules_to_save=None)
+    inject(model, config)
+    first, second = model.a.adapters["default"], model.b.adapters["default"]
+    assert first.lora_A.shape[0] == 4 and first.scale == pytest.approx(8.0 / math.sqrt(4))
+    assert second.lora_A.shape[0] == 2 and second.scale == pytest.approx(1.0 / math.sqrt(2))
+
+
+def test_lora_bias_option_trains_a_bias_delta_of_wrapped_layers():
+    model = holder(fc=nn.Linear(6, 4), norm=nn.LayerNorm(4))
+    inject(model, LoRAConfig(r=2, target_modules=["fc"], bias="lora_only", modules_to_save=None))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.adapters.default.lora_A", "fc.adapters.default.lora_B", "fc.adapters.default.bias_delta"}
+    other = holder(fc=nn.Linear(6, 4), norm=nn.LayerNorm(4))
+    inject(other, LoRAConfig(r=2, target_modules=["fc"], bias="all", modules_to_save=None))
+    assert "norm.adapters.default.bias_delta" in {n for n, p in other.named_parameters() if p.requires_grad}
+
+
+def test_lora_dropout_applies_to_the_branch_input_only_in_training():
+    torch.manual_seed(0)
+    model = holder(fc=nn.Linear(16, 4))
+    inject(model, LoRAConfig(r=2, dropout=0.5, target_modules=["fc"], modules_to_save=None))
+    _random_lora(model.fc)
+    x = torch.randn(64, 16)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    with torch.no_grad():
+        model.fc.adapters["default"].lora_B.zero_()
+    assert torch.equal(model(x), model.fc.base_layer(x))  # base path never sees dropout
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_scales_output_or_input(kind, feedforward):
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 5) if kind == "linear" else Conv1D(5, 7)
+    model = holder(proj=layer)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    inject(model, IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if feedforward else None, modules_to_save=None))
+    l = model.proj.adapters["default"].ia3_l
+    assert l.shape == ((7,) if feedforward else (5,)) and torch.equal(l, torch.ones_like(l))
+    with torch.no_grad():
+        l.uniform_(0.5, 1.5)
+    x = torch.randn(3, 2, 7)
+    plain = (lambda v: v @ w.T + b) if kind == "linear" else (lambda v: v @ w + b)
+    expected = plain(x * l) if feedforward else plain(x) * l
+    torch.testing.assert_close(model(x), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer,x", [
+    (nn.Linear(6, 4), torch.randn(3, 6)),
+    (nn.LayerNorm(6), torch.randn(2, 5, 6)),
+    (nn.Conv2d(3, 4, 3), torch.randn(2, 3, 7, 7)),
+    (nn.BatchNorm2d(3), torch.randn(2, 3, 5, 5)),
+    (Conv1D(4, 6), torch.randn(2, 6)),
+])
+def test_bitfit_adds_a_trainable_delta_to_the_bias(layer, x):
+    layer.eval()
+    reference = layer(x).detach()
+    model = holder(layer=layer)
+    inject(model, BitFitConfig(target_modules=["layer"], modules_to_save=None))
+    delta = model.layer.adapters["default"].bias_delta
+    assert torch.equal(model(x), reference)
+    with torch.no_grad():
+        delta.normal_()
+    shape = (-1, 1, 1) if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d)) else (-1,)
+    torch.testing.assert_close(model(x), reference + delta.detach().view(shape))
+    model(x).sum().backward()
+    assert delta.grad is not None and layer.bias.grad is None  # the delta trains, the pretrained bias stays frozen
+
+
+# --- real models: unchanged at init, merged == unmerged, unmerge restores the base ----------------
+
+METHOD_CASES = {
+    "lora-bert": ("bert", lambda: LoRAConfig(r=4, target_modules=["query", "value", "word_embeddings"])),
+    "lora-gpt2": ("gpt2", lambda: LoRAConfig(r=4)),  # default: c_attn (Conv1D)
+    "lora-llama": ("llama", lambda: LoRAConfig(r=4, target_modules="all-linear")),
+    "lora-vit-timm": ("vit", lambda: LoRAConfig(r=4)),  # default: qkv
+    "lora-resnet-conv": ("resnet", lambda: LoRAConfig(r=4, target_modules=[r"re:layer\d\.\d\.conv[12]"], bias="lora_only")),
+    "ia3-bert": ("bert", lambda: IA3Config()),
+    "ia3-gpt2": ("gpt2", lambda: IA3Config()),
+    "ia3-llama": ("llama", lambda: IA3Config()),
+    "bitfit-bert": ("bert", lambda: BitFitConfig()),
+    "bitfit-resnet": ("resnet", lambda: BitFitConfig()),
+}
+
+
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_unchanged_at_init_and_merge_unmerge_round_trip(case):
+    name, make_config = METHOD_CASES[case]
+    factory, batch = MODELS[name]
+    model = factory()
+    x = batch()
+    with torch.no_grad():
+        reference = output(model, x)
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        inject(model, make_config())
+        assert torch.equal(output(model, x), reference), "the adapter must start as the identity"
+        randomize(model)
+        adapted = output(model, x)
+        assert not torch.allclose(adapted, reference, atol=1e-4)
+        merge(model)
+        torch.testing.assert_close(output(model, x), adapted, rtol=1e-4, atol=1e-4)
+        unmerge(model)
+        torch.testing.assert_close(output(model, x), adapted, rtol=1e-5, atol=1e-5)
+        restored = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".adapters." not in k}
+        for key, value in base.items():
+            torch.testing.assert_close(restored[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_merge_and_unload_gives_plain_layers_and_the_same_outputs():
+    model = MODELS["bert"][0]()
+    x = MODELS["bert"][1]()
+    inject(model, LoRAConfig(r=4))
+    randomize(model)
+    with torch.no_grad():
+        adapted = output(model, x)
+        merge_and_unload(model)
+        torch.testing.assert_close(output(model, x), adapted, rtol=1e-4, atol=1e-4)
+    assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
+    assert type(model.classifier) is nn.Linear  # the trained copy of the head replaced the original
