@@ -53,12 +53,16 @@ def adapter_config(model: nn.Module, adapter_name: str = "default") -> MethodCon
     raise ValueError(f"No adapter named {adapter_name!r}; adapters: {format_names(list_adapters(model))}")
 
 
-def adapter_metadata(model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    """What rebuilds the adapter on a fresh base model: its config and sites (JSON-able)."""
+def adapter_metadata(model: nn.Module, adapter_name: str, inference: bool = False) -> dict[str, Any]:
+    """What rebuilds the adapter on a fresh base model: its config and sites (JSON-able).
+
+    ``inference=True`` describes the adapters' inference forms (adapter files); the default, the
+    training forms (Lightning checkpoints, which must resume training).
+    """
     return {
         "format": FORMAT, "version": VERSION, "adapter_name": adapter_name,
         "config": adapter_config(model, adapter_name).to_dict(),
-        "sites": [asdict(s) for s in adapter_sites(model, adapter_name)],
+        "sites": [asdict(s) for s in adapter_sites(model, adapter_name, inference)],
     }
 
 
@@ -69,11 +73,16 @@ def _safetensors():
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
-    """Write the adapter alone (``adapter.safetensors`` + ``adapter.json``) into folder ``path``; returns it."""
+    """Write the adapter alone (``adapter.safetensors`` + ``adapter.json``) into folder ``path``; returns it.
+
+    Adapters with a training-only part write their inference form: prompt/prefix encoders (MLP, LSTM
+    reparameterisations) are replaced by the final prompts they produce. Lightning checkpoints keep
+    the encoders, so training resumes from them.
+    """
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name, inference=True).items()}
     blob = _safetensors().save(state)
-    meta = adapter_metadata(model, adapter_name)
+    meta = adapter_metadata(model, adapter_name, inference=True)
     meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
     atomic_write_bytes(path / ADAPTER_WEIGHTS, blob)
     atomic_write_json(path / ADAPTER_JSON, meta)  # last: names the exact tensor file it belongs to

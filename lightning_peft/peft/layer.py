@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["AdapterLayer", "Route", "validate_adapter_name", "adapter_layers"]
+__all__ = ["AdapterLayer", "Route", "validate_adapter_name", "adapter_layers", "unmergeable_message"]
 
 Route = tuple[tuple[str, ...], "torch.Tensor | None"]  # (adapter names, sample indices or None = whole batch)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -42,6 +42,8 @@ class AdapterLayer(nn.Module):
     """
 
     method: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True  # False: the method is no change of the base weights (adapters, prompts); merge refuses
+    transparent: ClassVar[bool] = False  # True: targeting looks inside base_layer (a wrapper around a whole model)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -109,9 +111,10 @@ class AdapterLayer(nn.Module):
 
     def merge(self, names: Sequence[str] | None = None) -> None:
         """Fold the given (default: active, not yet merged) adapters into the base weights."""
-        for name in names if names is not None else self.active:
-            if name in self.merged or name not in self.adapters:
-                continue
+        todo = [n for n in (names if names is not None else self.active) if n not in self.merged and n in self.adapters]
+        if todo and not self.mergeable:
+            raise RuntimeError(unmergeable_message(self.method, todo))
+        for name in todo:
             with torch.no_grad():
                 self._merge(name)
             self.merged = self.merged + (name,)
@@ -135,6 +138,14 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, adapters={list(self.adapters)}, active={list(self.active)}, merged={list(self.merged)}"
+
+
+def unmergeable_message(method: str, names: Sequence[str], where: str = "") -> str:
+    at = f" at {where!r}" if where else ""
+    return (
+        f"{method} adapters {list(names)}{at} cannot be merged into the base weights: they are not a linear change of "
+        "those weights. Keep them unmerged (they run beside the frozen model); merge and merge_and_unload refuse them."
+    )
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

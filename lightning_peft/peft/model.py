@@ -18,7 +18,7 @@ from torch import nn
 from ..matching import format_names
 from ..params import count_parameters
 from .config import MethodConfig
-from .layer import AdapterLayer, adapter_layers, validate_adapter_name
+from .layer import AdapterLayer, adapter_layers, unmergeable_message, validate_adapter_name
 from .modules_to_save import ModulesToSaveLayer
 from .registry import LAYERS, Site, method_for
 from .surgery import replace_module
@@ -191,11 +191,17 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
     """Fold adapters (default: the active ones) into the base weights: base-model speed, same outputs.
 
     Raises:
+        RuntimeError: an adapter of a method that cannot merge (bottleneck adapters, prompt methods),
+            before anything changes.
         RuntimeError: a wrapped weight is tied to another module (e.g. input embeddings shared with
             the LM head): merging would change both. Keep that adapter unmerged.
     """
     if adapter_names is not None:
         _require(model, list(adapter_names))
+    for name, layer in adapter_layers(model):  # refuse before anything is merged
+        wanted = [n for n in (adapter_names if adapter_names is not None else layer.active) if n in layer.adapters and n not in layer.merged]
+        if wanted and not layer.mergeable:
+            raise RuntimeError(unmergeable_message(layer.method, wanted, name))
     tied = _tied_elsewhere(model)
     for name, layer in adapter_layers(model):
         if isinstance(layer, ModulesToSaveLayer):
@@ -241,25 +247,33 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_sites(model: nn.Module, adapter_name: str) -> list[Site]:
-    """Where ``adapter_name`` sits: one site per wrapped module, with the spec that rebuilds it."""
+def _form(adapter: nn.Module, inference: bool) -> nn.Module:
+    """The adapter itself, or with ``inference`` its inference form when it has one (``inference_form()``:
+    e.g. a prompt encoder's final prompts, without the encoder that produced them in training)."""
+    make = getattr(adapter, "inference_form", None)
+    return make() if inference and callable(make) else adapter
+
+
+def adapter_sites(model: nn.Module, adapter_name: str, inference: bool = False) -> list[Site]:
+    """Where ``adapter_name`` sits: one site per wrapped module, with the spec that rebuilds it (its inference form's with ``inference``)."""
     return [
-        Site(name, layer.method, dict(getattr(layer.adapters[adapter_name], "spec", {})))
+        Site(name, layer.method, dict(getattr(_form(layer.adapters[adapter_name], inference), "spec", {})))
         for name, layer in adapter_layers(model) if adapter_name in layer.adapters
     ]
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", inference: bool = False) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed ``<module>.<tensor>`` (e.g. ``encoder.layer.0.attention.self.query.lora_A``).
 
     Keys hold no adapter name -- they are built from the structure, so an adapter called like a
-    module (``mlp``) cannot lose tensors on save (peft #3584).
+    module (``mlp``) cannot lose tensors on save (peft #3584). ``inference=True`` gives the tensors of
+    the adapters' inference forms (what :func:`~lightning_peft.save_adapter` writes).
     """
     _require(model, [adapter_name])
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
-            for key, value in layer.adapters[adapter_name].state_dict().items():
+            for key, value in _form(layer.adapters[adapter_name], inference).state_dict().items():
                 out[f"{name}.{key}"] = value
     return out
 

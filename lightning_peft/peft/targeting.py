@@ -41,7 +41,8 @@ def base_module(module: nn.Module) -> nn.Module:
 
 
 def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Named submodules of ``root`` in model order; a wrapper stands for its base layer (its insides are skipped)."""
+    """Named submodules of ``root`` in model order; a wrapper stands for its base layer (its insides are skipped,
+    except the base layer's submodules of a ``transparent`` wrapper around a whole model)."""
     out: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -50,6 +51,8 @@ def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
             out.append((full, child))
             if not isinstance(child, AdapterLayer):
                 visit(full, child)
+            elif child.transparent:  # a wrapper around a whole model (prompt methods): its insides stay targetable
+                visit(f"{full}.base_layer", child.base_layer)
 
     visit("", root)
     return out
