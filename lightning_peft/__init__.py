@@ -22,11 +22,13 @@ from .peft import (
     adapter_config, adapter_state_dict, delete_adapter, disable_adapters, export_peft, import_peft, inject,
     list_adapters, load_adapter, merge, merge_and_unload, save_adapter, set_adapter, unmerge,
 )
+from .peft import AdapterConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "active_adapters",
+    "AdapterConfig",
     "adapter_batch",
     "adapter_config",
     "adapter_state_dict",

@@ -4,8 +4,9 @@
 >>> save_adapter(model, "adapter/")                 # doctest: +SKIP
 """
 
-from . import bitfit, ia3, lora, modules_to_save  # noqa: F401  (each registers its method)
+from . import bitfit, bottleneck, ia3, lora, modules_to_save  # noqa: F401  (each registers its method)
 from .bitfit import BitFitConfig
+from .bottleneck import AdapterConfig
 from .config import ALL_LINEAR, MethodConfig
 from .ia3 import IA3Config
 from .io import adapter_config, export_peft, import_peft, load_adapter, save_adapter
@@ -18,6 +19,7 @@ from .model import (
 from .registry import METHODS, config_from_dict
 
 __all__ = [
+    "AdapterConfig",
     "ALL_LINEAR", "AdapterLayer", "BitFitConfig", "IA3Config", "LoRAConfig", "METHODS", "MethodConfig",
     "active_adapters", "adapter_batch", "adapter_config", "adapter_layers", "adapter_parameters", "adapter_state_dict",
     "config_from_dict", "delete_adapter", "disable_adapters", "export_peft", "import_peft", "inject", "list_adapters",
