@@ -22,13 +22,17 @@ from .peft import (
     adapter_config, adapter_state_dict, delete_adapter, disable_adapters, export_peft, import_peft, inject,
     list_adapters, load_adapter, merge, merge_and_unload, save_adapter, set_adapter, unmerge,
 )
-from .peft import AdapterConfig
+from .peft import AdapterConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "active_adapters",
     "AdapterConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "PTuningConfig",
+    "PTuningV2Config",
     "adapter_batch",
     "adapter_config",
     "adapter_state_dict",

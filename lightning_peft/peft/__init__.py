@@ -4,7 +4,7 @@
 >>> save_adapter(model, "adapter/")                 # doctest: +SKIP
 """
 
-from . import bitfit, bottleneck, ia3, lora, modules_to_save  # noqa: F401  (each registers its method)
+from . import bitfit, bottleneck, ia3, lora, modules_to_save, prefix, prompt  # noqa: F401  (each registers its method)
 from .bitfit import BitFitConfig
 from .bottleneck import AdapterConfig
 from .config import ALL_LINEAR, MethodConfig
@@ -16,10 +16,12 @@ from .model import (
     active_adapters, adapter_batch, adapter_parameters, adapter_state_dict, delete_adapter, disable_adapters, inject,
     list_adapters, merge, merge_and_unload, set_adapter, unmerge,
 )
+from .prefix import PrefixTuningConfig, PTuningV2Config
+from .prompt import PromptTuningConfig, PTuningConfig
 from .registry import METHODS, config_from_dict
 
 __all__ = [
-    "AdapterConfig",
+    "AdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig", "PTuningV2Config",
     "ALL_LINEAR", "AdapterLayer", "BitFitConfig", "IA3Config", "LoRAConfig", "METHODS", "MethodConfig",
     "active_adapters", "adapter_batch", "adapter_config", "adapter_layers", "adapter_parameters", "adapter_state_dict",
     "config_from_dict", "delete_adapter", "disable_adapters", "export_peft", "import_peft", "inject", "list_adapters",
