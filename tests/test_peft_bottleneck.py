@@ -225,3 +225,17 @@ def test_config_errors_name_the_valid_choices():
     with pytest.raises(ValueError, match="no block layout for model type 'timm:ResNet'"):
         inject(__import__("timm").create_model("resnet18", pretrained=False), AdapterConfig())
     assert AdapterConfig.from_dict(AdapterConfig(placement="parallel", layers=[0]).to_dict()) == AdapterConfig(placement="parallel", layers=[0])
+
+
+def test_half_precision_base_keeps_fp32_adapters_and_stays_exact_at_init():
+    model = llama().to(torch.bfloat16)  # nn.Module.to reaches the wrappers too
+    x = token_batch()
+    with torch.no_grad():
+        before = output(model, x)
+    inject(model, AdapterConfig(placement="houlsby", modules_to_save=None))
+    adapter = model.model.layers[0].mlp.down_proj.adapters["default"]
+    assert adapter.up.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(output(model, x), before)
+        model.double()
+        assert adapter.up.weight.dtype == torch.float64 and output(model, x).dtype == torch.float64

@@ -182,7 +182,7 @@ class BottleneckLayer(AdapterLayer):
             raise ValueError(f"a bottleneck adapter needs a module with a linear layer to size it, not {type(base).__name__}")
         return Bottleneck(base, spec)
 
-    def _apply(self, source: torch.Tensor | None, y: torch.Tensor, routes: list, mode: str) -> torch.Tensor:
+    def _add_adapters(self, source: torch.Tensor | None, y: torch.Tensor, routes: list, mode: str) -> torch.Tensor:
         """Add each route's ``mode`` adapters to ``y``; they read ``source`` (``None``: the running ``y``, stacked)."""
         for names, index in routes:
             adapters = [self.adapters[n] for n in names if self.adapters[n].mode == mode]
@@ -217,14 +217,14 @@ class BottleneckLayer(AdapterLayer):
                     f"a residual_arg bottleneck adapter on {type(self.base_layer).__name__} needs the residual (the FFN input) "
                     "as the second argument, as in BERT's output(hidden_states, input_tensor)"
                 )
-            call.arguments[params[1]] = self._apply(residual, residual, routes, "residual_arg")
+            call.arguments[params[1]] = self._add_adapters(residual, residual, routes, "residual_arg")
         y = self.base_layer(*call.args, **call.kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"bottleneck adapters need a module returning a tensor; {type(self.base_layer).__name__} returned {type(y).__name__}")
         if "parallel" in modes:
-            y = self._apply(x, y, routes, "parallel")
+            y = self._add_adapters(x, y, routes, "parallel")
         if "output" in modes:
-            y = self._apply(None, y, routes, "output")
+            y = self._add_adapters(None, y, routes, "output")
         return y
 
 
