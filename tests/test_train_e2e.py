@@ -109,3 +109,31 @@ def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_b
     start, end = adapter_state_dict(untrained), adapter_state_dict(trained)
     deterministic_at_init = [k for k in start if k.startswith("backbone.") and not k.endswith("lora_A")]  # B = 0, l = 1, delta = 0
     assert deterministic_at_init and any(not torch.equal(start[k], end[k]) for k in deterministic_at_init), "the adapter did not train"
+
+
+
+@pytest.mark.parametrize("method", ["adapter_houlsby", "adapter_pfeiffer", "adapter_parallel", "prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2"])
+def test_adapter_and_prompt_methods_train_through_the_hydra_job(compose, tmp_path, tiny_bert_dir, method):
+    from lightning_peft import disable_adapters
+
+    overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
+    small = {"prefix_tuning": ["peft.projection_hidden=16"], "p_tuning": ["peft.encoder_hidden=16"]}.get(method, [])
+    if not method.startswith("adapter_"):
+        small.append("peft.num_virtual_tokens=4")
+    metrics = train(compose(f"peft={method}", *overrides, *small, "callbacks.model_checkpoint.monitor=null"))
+    assert metrics["train/loss"] > 0 and 0 <= metrics["val/acc"] <= 1
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert not any("embeddings.word_embeddings" in k and ".adapters." not in k for k in state)  # adapter-only checkpoint
+    saved = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert saved["config"]["method"] == ("bottleneck" if method.startswith("adapter_") else method)
+    from_ckpt, from_dir = TextClassifier(tiny_bert_dir, num_classes=5).eval(), TextClassifier(tiny_bert_dir, num_classes=5).eval()
+    load_adapter(from_ckpt, ckpt)  # training form (prompt encoders included)
+    load_adapter(from_dir, tmp_path / "adapter")  # inference form
+    ids = torch.randint(1000, 2000, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(from_dir(ids, mask), from_ckpt(ids, mask))
+        hidden = from_ckpt.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        with disable_adapters(from_ckpt):
+            assert not torch.allclose(from_ckpt.backbone(input_ids=ids, attention_mask=mask).last_hidden_state, hidden)
