@@ -16,7 +16,7 @@ from lightning_peft import (
 )
 from lightning_peft.peft import AdapterLayer
 from lightning_peft.peft.bottleneck import BottleneckLayer
-from tiny_models import MODELS, bert, gpt2, llama, output, randomize, token_batch, vit
+from tiny_models import MODELS, bert, gpt2, llama, output, randomize, token_batch
 
 
 def sites(model: nn.Module) -> dict[str, str]:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel, DynamicCache
 
 from lightning_peft import (
-    PEFT, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config, adapter_batch, count_parameters,
+    PEFT, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config, adapter_batch,
     delete_adapter, disable_adapters, inject, list_adapters, load_adapter, merge, save_adapter, set_adapter,
 )
 from lightning_peft.peft import AdapterLayer

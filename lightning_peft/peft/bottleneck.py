@@ -85,6 +85,14 @@ class AdapterConfig(MethodConfig):
             block of a module is the first number in its name (``encoder.layer.3.output.dense`` -> 3).
         target_modules: ``None`` = the placement table for the model type; patterns place adapters
             on those modules instead (after them, or beside them with ``placement="parallel"``).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> from lightning_peft import AdapterConfig, count_parameters, inject
+        >>> bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+        >>> model = inject(bert, AdapterConfig(placement="pfeiffer", bottleneck_size=4))
+        >>> count_parameters(model).trainable  # 2 blocks x (down 4x32 + 4, up 32x4 + 32)
+        584
     """
 
     method = "bottleneck"

@@ -34,6 +34,19 @@ class PrefixTuningConfig(PromptMethodConfig):
         projection: train through the MLP reparameterisation (dropped in saved adapters).
         projection_hidden: hidden width of that MLP.
         dropout: dropout on the prefixes in training.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from lightning_peft import PrefixTuningConfig, inject
+        >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        ...                                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=0))
+        >>> llama = inject(llama, PrefixTuningConfig(num_virtual_tokens=3, projection_hidden=16, modules_to_save=None))
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> llama(ids, use_cache=True).past_key_values.get_seq_length()  # 3 prefix + 3 real keys per layer
+        6
+        >>> llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False).shape
+        torch.Size([1, 7])
     """
 
     method = "prefix_tuning"

@@ -110,6 +110,18 @@ class PromptTuningConfig(PromptMethodConfig):
         init_text: the text for ``init="text"``.
         tokenizer: name or folder of the tokenizer for ``init_text`` (default: the model's own,
             ``config._name_or_path``).
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from lightning_peft import PromptTuningConfig, inject
+        >>> gpt = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+        >>> gpt = inject(gpt, PromptTuningConfig(num_virtual_tokens=5, modules_to_save=None))
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> gpt(ids).logits.shape  # the 5 virtual positions are not in the outputs
+        torch.Size([1, 3, 50])
+        >>> gpt.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False).shape
+        torch.Size([1, 7])
     """
 
     method = "prompt_tuning"
@@ -133,14 +145,14 @@ class PTuningConfig(PromptMethodConfig):
     Args:
         num_virtual_tokens: ``k``.
         encoder: ``"lstm"`` (bidirectional 2-layer LSTM + MLP, as the paper) or ``"mlp"`` (3 layers).
-        encoder_hidden: hidden width of the encoder; ``None`` = the model's embedding width.
+        encoder_hidden: hidden width of the encoder (per LSTM direction); ``None`` = the model's embedding width.
         dropout: dropout inside the LSTM and on the prompts.
     """
 
     method = "p_tuning"
 
     encoder: str = "lstm"
-    encoder_hidden: int | None = None
+    encoder_hidden: int | None = 128
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
