@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# The Triton kernel tests run the real kernels on CPU through Triton's interpreter. triton reads
+# TRITON_INTERPRET when a kernel is decorated, i.e. when lightning_peft.kernels.lora/bottleneck are
+# first imported, so it is set here before any test module imports them (importing torch does not
+# import triton). On a CUDA machine the kernels run natively.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -1,0 +1,438 @@
+"""Fused LoRA linear in Triton: ``y = x·Wᵀ + bias + s·(x̃·Aᵀ)·Bᵀ`` forward and backward.
+
+Layering (as in Liger-Kernel): ``@triton.jit`` kernels → launchers that check, allocate and
+launch → the thin :class:`LoRALinearFunction`. Import lazily (this module imports triton).
+
+Shapes: ``x`` ``(M, K)`` (leading dims flattened), ``W`` ``(N, K)``, ``bias`` ``(N,)``,
+``A`` ``(r, K)``, ``B`` ``(N, r)``, ``s`` a float; ``x̃ = drop(x)`` (``x̃ = x`` without dropout).
+
+Forward, two kernels:
+
+1. ``h = x̃·Aᵀ`` ``(M, r)``: a skinny kernel, one read of x̃ (fp32 result, kept for backward).
+2. ``y = x·Wᵀ + bias + s·h·Bᵀ``: the base GEMM with the rank-r term in its epilogue
+   (``acc += s·h_tile·B_tileᵀ`` before the single store), so no extra full-size pass.
+
+Backward, saved tensors x (x̃ too with dropout) and h only:
+
+3. one pass over dy gives both ``dh = s·dy·B`` ``(M, r)`` and ``dB = s·dyᵀ·h`` ``(N, r)``
+   (deterministic partial sums, reduced with ``torch.sum``).
+4. ``dx = dy·W + dh·A`` ``(M, K)``: the dx GEMM with ``dh·A`` in its epilogue (the same kernel
+   as 2). With dropout the branch input gets its own gradient ``dx̃ = dh·A`` and torch's dropout
+   backward applies the mask.
+5. ``dA = dhᵀ·x̃`` ``(r, K)``: the skinny kernel again, one read of x̃.
+
+When the base is trainable, ``dW = dyᵀ·x`` ``(N, K)`` and ``dbias = Σ_rows dy`` ``(N,)`` come
+from ``torch.mm`` / ``sum`` (only if they require grad). Ranks are padded to a power of two
+``>= 16`` inside the kernels (``r <= 128``); all offsets into the large tensors are int64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._triton_common import (
+    INTERPRET,
+    autocast_cast,
+    check_device,
+    check_dtypes,
+    device_guard,
+    next_pow2,
+    num_sms,
+    precision_for,
+    prep_operand,
+)
+from .reference import MAX_LORA_RANK, check_lora_args
+
+__all__ = ["LoRALinearFunction", "lora_linear_triton"]
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _gemm_configs():
+    if INTERPRET:  # one config: autotune with several fails in the interpreter; big blocks are fast there
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
+    c = triton.Config
+    return [
+        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        c({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    ]
+
+
+def _warps_configs():
+    """Kernels whose block sizes fix their grid/partial buffers tune only warps and stages."""
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "stride_bk", "HAS_LORA", "BLOCK_R"])
+@triton.jit
+def _gemm_lora_kernel(
+    a_ptr, b_ptr, lo_ptr, up_ptr, bias_ptr, c_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_lm, stride_lr, stride_ur, stride_un,
+    stride_cm, stride_cn,
+    scale,
+    M_BUCKET,  # autotune key only: a power-of-two bucket of M, so new batch sizes do not re-tune
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr, LOW_PREC: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``C = A·B + scale·LO·UP (+ bias)``: a GEMM with the rank-r product in its epilogue.
+
+    A ``(M, K)``, B ``(K, N)``, LO ``(M, R)`` (fp32), UP ``(R, N)``, all by strides, so the same
+    kernel is the forward (A=x, B=Wᵀ, LO=h, UP=Bᵀ) and the dx GEMM (A=dy, B=W, LO=dh, UP=A).
+    """
+    DT: tl.constexpr = a_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + rn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        lo = tl.load(lo_ptr + rm[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        up = tl.load(up_ptr + offs_r[:, None] * stride_ur + rn[None, :] * stride_un,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        lo = prep_operand(lo, DT, ACC, LOW_PREC, UPCAST)
+        up = prep_operand(up, DT, ACC, LOW_PREC, UPCAST)
+        acc += scale * tl.dot(lo, up, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(ACC)
+        acc += bias[None, :]
+
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.autotune(configs=_warps_configs(), key=["I_BUCKET", "L", "BLOCK_I", "BLOCK_L", "BLOCK_R"])
+@triton.jit
+def _skinny_kernel(
+    p_ptr, q_ptr, out_ptr,
+    I, L, R, L_PER_SPLIT,
+    stride_pi, stride_pl, stride_ql, stride_qr, stride_os, stride_oi, stride_or,
+    I_BUCKET,  # autotune key only
+    ACC: tl.constexpr, LOW_PREC: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``OUT[s] = P[:, Ls]·Q[Ls, :]`` for the s-th slice ``Ls`` of the long axis L (R is small).
+
+    ``h = x̃·Aᵀ`` is P=x̃ ``(M, K)``, Q=Aᵀ, one slice; ``dAᵀ = x̃ᵀ·dh`` is P=x̃ᵀ ``(K, M)``, Q=dh,
+    split along M into partial sums.
+    """
+    DT: tl.constexpr = p_ptr.dtype.element_ty
+    pid_i = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_r = tl.arange(0, BLOCK_R)
+    i_mask = offs_i < I
+    r_mask = offs_r < R
+    ri = offs_i.to(tl.int64)
+    l_start = pid_s * L_PER_SPLIT
+    l_end = tl.minimum(L, l_start + L_PER_SPLIT)
+    acc = tl.zeros((BLOCK_I, BLOCK_R), dtype=ACC)
+    for l0 in range(l_start, l_end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        l_mask = offs_l < l_end
+        rl = offs_l.to(tl.int64)
+        p = tl.load(p_ptr + ri[:, None] * stride_pi + rl[None, :] * stride_pl,
+                    mask=i_mask[:, None] & l_mask[None, :], other=0.0)
+        q = tl.load(q_ptr + rl[:, None] * stride_ql + offs_r[None, :] * stride_qr,
+                    mask=l_mask[:, None] & r_mask[None, :], other=0.0)
+        p = prep_operand(p, DT, ACC, LOW_PREC, UPCAST)
+        q = prep_operand(q, DT, ACC, LOW_PREC, UPCAST)
+        acc = tl.dot(p, q, acc, input_precision=INPUT_PRECISION)
+    o_ptrs = out_ptr + pid_s.to(tl.int64) * stride_os + ri[:, None] * stride_oi + offs_r[None, :] * stride_or
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & r_mask[None, :])
+
+
+@triton.autotune(configs=_warps_configs(), key=["M_BUCKET", "N", "BLOCK_M", "BLOCK_N", "BLOCK_R"])
+@triton.jit
+def _dy_pass_kernel(
+    dy_ptr, h_ptr, b_ptr, dh_part_ptr, db_part_ptr,
+    M, N, R, ROWS_PER_SPLIT, scale,
+    stride_dym, stride_dyn, stride_hm, stride_hr, stride_bn, stride_br,
+    stride_dhp_s, stride_dhp_m, stride_dhp_r, stride_dbp_s, stride_dbp_n, stride_dbp_r,
+    M_BUCKET,  # autotune key only
+    ACC: tl.constexpr, LOW_PREC: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One read of dy for both LoRA gradients that need it.
+
+    Program (n, s) takes the column block n of dy and the row slice s and writes
+    ``dh_part[n] = s·dy[rows, cols_n]·B[cols_n]`` and ``dB_part[s] = s·dy[rows_s, cols_n]ᵀ·h[rows_s]``;
+    the launcher sums the partials (deterministic, no atomics).
+    """
+    DT: tl.constexpr = dy_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    rn = offs_n.to(tl.int64)
+    b = tl.load(b_ptr + rn[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+    b = prep_operand(b, DT, ACC, LOW_PREC, UPCAST)
+    db_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
+    row_start = pid_s * ROWS_PER_SPLIT
+    row_end = tl.minimum(M, row_start + ROWS_PER_SPLIT)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < row_end
+        rm = offs_m.to(tl.int64)
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        h = tl.load(h_ptr + rm[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        dy = prep_operand(dy, DT, ACC, LOW_PREC, UPCAST)
+        h = prep_operand(h, DT, ACC, LOW_PREC, UPCAST)
+        dh = tl.dot(dy, b, input_precision=INPUT_PRECISION) * scale
+        tl.store(dh_part_ptr + pid_n.to(tl.int64) * stride_dhp_s + rm[:, None] * stride_dhp_m
+                 + offs_r[None, :] * stride_dhp_r,
+                 dh.to(dh_part_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+        db_acc = tl.dot(tl.trans(dy), h, db_acc, input_precision=INPUT_PRECISION)
+    tl.store(db_part_ptr + pid_s.to(tl.int64) * stride_dbp_s + rn[:, None] * stride_dbp_n
+             + offs_r[None, :] * stride_dbp_r,
+             (db_acc * scale).to(db_part_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _gemm(a: Tensor, b_t: Tensor, lo: Optional[Tensor], up_t: Optional[Tensor], bias: Optional[Tensor],
+          scale: float, out_dtype: torch.dtype) -> Tensor:
+    """``a·b_t + scale·lo·up_t + bias``; ``b_t`` ``(K, N)`` and ``up_t`` ``(R, N)`` may be views."""
+    M, K = a.shape
+    N = b_t.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        c.zero_()
+        if bias is not None:
+            c += bias
+        if lo is not None:
+            c.addmm_(lo.to(out_dtype), up_t, alpha=scale)
+        return c
+    prec = precision_for(a.dtype)
+    has_lora = lo is not None
+    R = lo.shape[1] if has_lora else 0
+    dummy = c
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_lora_kernel[grid](
+        a, b_t, lo if has_lora else dummy, up_t if has_lora else dummy, bias if bias is not None else dummy, c,
+        M, N, K, R,
+        a.stride(0), a.stride(1), b_t.stride(0), b_t.stride(1),
+        lo.stride(0) if has_lora else 0, lo.stride(1) if has_lora else 0,
+        up_t.stride(0) if has_lora else 0, up_t.stride(1) if has_lora else 0,
+        c.stride(0), c.stride(1),
+        float(scale),
+        next_pow2(M),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=next_pow2(R) if has_lora else 16,
+        ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision,
+    )
+    return c
+
+
+def _skinny(p: Tensor, q: Tensor, splits_target: int = 1) -> Tensor:
+    """``p·q`` for a long-by-small ``q`` ``(L, R)``: returns ``(I, R)`` in the accumulation dtype.
+
+    ``splits_target > 1`` splits the long axis L across programs (partial sums, then ``sum``).
+    """
+    I, L = p.shape
+    R = q.shape[1]
+    prec = precision_for(p.dtype)
+    BLOCK_R = next_pow2(R)
+    if INTERPRET:
+        BLOCK_I, BLOCK_L = 64, 128
+    else:
+        BLOCK_I, BLOCK_L = (64, 64) if BLOCK_R <= 32 else (32, 64)
+    n_i = triton.cdiv(I, BLOCK_I)
+    n_split = max(1, min(splits_target, triton.cdiv(L, BLOCK_L)))
+    l_per = triton.cdiv(triton.cdiv(L, n_split), BLOCK_L) * BLOCK_L
+    n_split = triton.cdiv(L, l_per) if L > 0 else 1
+    out = torch.zeros((n_split, I, R), device=p.device, dtype=prec.acc_torch)
+    if I == 0 or L == 0 or R == 0:
+        return out.sum(0)
+    _skinny_kernel[(n_i, n_split)](
+        p, q, out, I, L, R, l_per,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        next_pow2(I),
+        ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision,
+        BLOCK_I=BLOCK_I, BLOCK_L=BLOCK_L, BLOCK_R=BLOCK_R,
+    )
+    return out[0] if n_split == 1 else out.sum(0)
+
+
+def _dy_pass(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(dh, dB) = (s·dy·B, s·dyᵀ·h)`` from one read of dy, both in the accumulation dtype."""
+    M, N = dy.shape
+    R = lora_b.shape[1]
+    prec = precision_for(dy.dtype)
+    BLOCK_R = next_pow2(R)
+    if INTERPRET:
+        BLOCK_M, BLOCK_N = 128, 64
+    else:
+        BLOCK_M, BLOCK_N = (64, 256) if BLOCK_R <= 32 else (64, 128)
+    n_n = triton.cdiv(N, BLOCK_N)
+    n_mblocks = triton.cdiv(M, BLOCK_M)
+    target = 4 * num_sms(dy.device)
+    n_split = max(1, min(n_mblocks, triton.cdiv(target, n_n)))
+    rows_per = triton.cdiv(n_mblocks, n_split) * BLOCK_M
+    n_split = triton.cdiv(M, rows_per)
+    dh_part = torch.empty((n_n, M, R), device=dy.device, dtype=prec.acc_torch)
+    db_part = torch.empty((n_split, N, R), device=dy.device, dtype=prec.acc_torch)
+    _dy_pass_kernel[(n_n, n_split)](
+        dy, h, lora_b, dh_part, db_part,
+        M, N, R, rows_per, float(scale),
+        dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1),
+        dh_part.stride(0), dh_part.stride(1), dh_part.stride(2),
+        db_part.stride(0), db_part.stride(1), db_part.stride(2),
+        next_pow2(M),
+        ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+    )
+    dh = dh_part[0] if n_n == 1 else dh_part.sum(0)
+    db = db_part[0] if n_split == 1 else db_part.sum(0)
+    return dh, db
+
+
+# --------------------------------------------------------------------------------------------
+# autograd.Function
+# --------------------------------------------------------------------------------------------
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd wrapper over the launchers; inputs are 2-D ``(M, K)``, one dtype, one device.
+
+    ``xd`` is the dropped-out LoRA branch input or ``None`` (then the branch reads ``x``).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, xd, weight, bias, lora_a, lora_b, scale):
+        with device_guard(x):
+            branch = x if xd is None else xd
+            h = _skinny(branch, lora_a.t())  # (M, r) fp32: x̃·Aᵀ
+            y = _gemm(x, weight.t(), h, lora_b.t(), bias, scale, x.dtype)
+        ctx.scale = scale
+        ctx.has_xd = xd is not None
+        ctx.save_for_backward(x, xd, weight, lora_a, lora_b, h)
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x, xd, weight, lora_a, lora_b, h = ctx.saved_tensors
+        need_x, need_xd, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        s = ctx.scale
+        dx = dxd = dw = dbias = da = db = None
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        branch = x if xd is None else xd
+        with device_guard(dy):
+            need_dh = need_a or need_x or need_xd
+            if need_dh or need_b:
+                dh, db = _dy_pass(dy, h, lora_b, s)  # dh = s·dy·B, dB = s·dyᵀ·h
+            if need_x:
+                if xd is None:  # dx = dy·W + dh·A, rank-r term in the GEMM epilogue
+                    dx = _gemm(dy, weight, dh, lora_a, None, 1.0, x.dtype)
+                else:
+                    dx = _gemm(dy, weight, None, None, None, 1.0, x.dtype)
+            if need_xd:
+                dxd = torch.mm(dh.to(x.dtype), lora_a)  # dropout fallback: torch applies the mask
+            if need_a:  # dA = dhᵀ·x̃, computed as (x̃ᵀ·dh)ᵀ
+                da = _skinny(branch.t(), dh, splits_target=2 * num_sms(x.device)).t().to(lora_a.dtype)
+                da = da.contiguous()
+            if need_w:
+                dw = torch.mm(dy.t(), x)
+            if need_bias:
+                dbias = dy.sum(0)
+        if db is not None:
+            db = db.to(lora_b.dtype) if need_b else None
+        return dx, dxd, dw, dbias, da, db, None
+
+
+def lora_linear_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """:func:`~lightning_peft.kernels.reference.lora_linear_reference` computed by the Triton kernels.
+
+    Runs on CUDA tensors, or on CPU under ``TRITON_INTERPRET=1``. Checks shapes (ValueError),
+    dtypes and devices (TypeError/ValueError) and the rank (``r <= 128``). Under ``torch.autocast``
+    the inputs are cast to the autocast dtype first, as ``F.linear`` does.
+    """
+    check_lora_args(x, weight, bias, lora_a, lora_b)
+    r = lora_a.shape[0]
+    if r > MAX_LORA_RANK:
+        raise ValueError(f"LoRA rank r={r} is larger than the Triton kernels' maximum {MAX_LORA_RANK}; "
+                         "use lora_linear_reference (lora_linear falls back to it by itself)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_device(x)
+    x, weight, bias, lora_a, lora_b = autocast_cast(x.device.type, x, weight, bias, lora_a, lora_b)
+    check_dtypes({"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b}, x.device)
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xd = F.dropout(x2, dropout_p, training=True) if dropout_p > 0 else None
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRALinearFunction.apply(x2, xd, weight, bias, lora_a, lora_b, float(scale))
+    return y.reshape(*lead, n)
