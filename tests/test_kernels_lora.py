@@ -318,3 +318,28 @@ def test_second_gpu_while_current_device_is_0():
     torch.testing.assert_close(yk, yr, rtol=1e-4, atol=1e-4)
     for name in req:
         torch.testing.assert_close(gk[name], gr[name], rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------- scripts
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the no-GPU path")
+def test_benchmark_without_cuda_exits_with_a_message():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_kernels.py")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 2
+    assert "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_without_a_gpu(request):
+    # ~10-40 s of compiling; runs only when slow tests are selected (pytest -m slow)
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow: run with -m slow")
+    out = subprocess.run([sys.executable, os.path.join(SCRIPTS, "check_kernels_compile.py"), "--first-config-only",
+                          "--dtypes", "bf16"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "all kernels compile" in out.stdout

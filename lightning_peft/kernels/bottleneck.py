@@ -94,10 +94,28 @@ def _fwd_configs():
     ]
 
 
-def _warps_configs():
+def _dz_configs():
     if INTERPRET:
-        return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4)]
+    c = triton.Config
+    return [c({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bm, bd, w, st in [(32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3),
+                                  (64, 128, 8, 3), (64, 64, 8, 4)]]
+
+
+def _cols_configs():
+    # the register-heavy kernel (two (BLOCK_D, m) accumulators): these compile without spills
+    # for m <= 64 on sm_90 (scripts/check_kernels_compile.py)
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=4)]
+    c = triton.Config
+    return [c({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+            for bm, bd, w, st in [(32, 64, 4, 2), (32, 64, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2),
+                                  (64, 128, 8, 2), (16, 64, 4, 3)]]
+
+
+#: Row slices of the split-reduction kernel are multiples of this, so that any tuned row block divides them.
+_ROW_ALIGN = 128
 
 
 @triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "D", "BLOCK_H", "HAS_RESIDUAL"])
@@ -162,7 +180,7 @@ def _adapter_fwd_kernel(
         tl.store(y_ptr + rm[:, None] * stride_ym + rd[None, :] * stride_yd, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_warps_configs(), key=["M_BUCKET", "D", "BLOCK_H", "BLOCK_M", "BLOCK_D"])
+@triton.autotune(configs=_dz_configs(), key=["M_BUCKET", "D", "BLOCK_H"])
 @triton.jit
 def _adapter_bwd_dz_kernel(
     dy_ptr, wu_ptr, z_ptr, dz_ptr,
@@ -200,7 +218,7 @@ def _adapter_bwd_dz_kernel(
     tl.store(dz_ptr + rm[:, None] * stride_dzm + offs_h[None, :] * stride_dzh, dz, mask=mask)
 
 
-@triton.autotune(configs=_warps_configs(), key=["M_BUCKET", "D", "BLOCK_H", "BLOCK_M", "BLOCK_D"])
+@triton.autotune(configs=_cols_configs(), key=["M_BUCKET", "D", "BLOCK_H", "NEED_DX", "NEED_WU", "NEED_WD"])
 @triton.jit
 def _adapter_bwd_cols_kernel(
     dy_ptr, x_ptr, z_ptr, dz_ptr, wd_ptr, dx_ptr, dwu_part_ptr, dwd_part_ptr, dbu_part_ptr,
@@ -270,12 +288,6 @@ def _adapter_bwd_cols_kernel(
         tl.store(dbu_part_ptr + ps * stride_bup_s + rd, acc_bu * scale, mask=d_mask)
 
 
-def _bwd_blocks(block_h: int) -> tuple[int, int]:
-    if INTERPRET:
-        return 128, 64
-    return (64, 128) if block_h <= 64 else (32, 64)
-
-
 class AdapterBottleneckFunction(torch.autograd.Function):
     """Autograd wrapper over the launchers; 2-D inputs of one dtype on one device.
 
@@ -329,35 +341,35 @@ class AdapterBottleneckFunction(torch.autograd.Function):
         s = ctx.scale
         prec = precision_for(x.dtype)
         BLOCK_H = next_pow2(H)
-        BLOCK_M, BLOCK_D = _bwd_blocks(BLOCK_H)
         act = _ACT_IDS[ctx.activation]
         common = dict(ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast,
-                      INPUT_PRECISION=prec.input_precision, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+                      INPUT_PRECISION=prec.input_precision)
         dx = dwd = dbd = dwu = dbu = None
         need_dz = need_x or need_wd or need_bd
         with device_guard(dy):
             dz = torch.empty((M, H), device=x.device, dtype=prec.acc_torch)
             if need_dz and M > 0:
-                _adapter_bwd_dz_kernel[(triton.cdiv(M, BLOCK_M),)](
+                _adapter_bwd_dz_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
                     dy, w_up, z, dz, M, D, H, s,
                     dy.stride(0), dy.stride(1), w_up.stride(0), w_up.stride(1), z.stride(0), z.stride(1),
                     dz.stride(0), dz.stride(1), next_pow2(M),
                     ACT=act, BLOCK_H=BLOCK_H, **common,
                 )
-            n_d = triton.cdiv(D, BLOCK_D)
-            n_mblocks = max(1, triton.cdiv(M, BLOCK_M))
-            n_split = max(1, min(n_mblocks, triton.cdiv(4 * num_sms(x.device), n_d)))
-            rows_per = triton.cdiv(n_mblocks, n_split) * BLOCK_M
+            # rows split into slices (a multiple of _ROW_ALIGN rows each) so that about four
+            # programs per SM run; the slices' partial weight gradients are summed below
+            n_blocks = max(1, triton.cdiv(M, _ROW_ALIGN))
+            want = max(1, min(n_blocks, triton.cdiv(4 * num_sms(x.device), max(1, triton.cdiv(D, 64)))))
+            rows_per = triton.cdiv(n_blocks, want) * _ROW_ALIGN
             n_split = max(1, triton.cdiv(M, rows_per))
             acc_t = prec.acc_torch
             if need_x:
                 dx = torch.empty((M, D), device=x.device, dtype=x.dtype)
-            dwu_p = torch.zeros((n_split, D, H), device=x.device, dtype=acc_t) if need_wu else dz
-            dwd_p = torch.zeros((n_split, H, D), device=x.device, dtype=acc_t) if need_wd else dz
-            dbu_p = torch.zeros((n_split, D), device=x.device, dtype=acc_t) if need_bu else dz
+            dwu_p = torch.empty((n_split, D, H), device=x.device, dtype=acc_t) if need_wu else dz
+            dwd_p = torch.empty((n_split, H, D), device=x.device, dtype=acc_t) if need_wd else dz
+            dbu_p = torch.empty((n_split, D), device=x.device, dtype=acc_t) if need_bu else dz
             if (need_x or need_wu or need_wd or need_bu) and M > 0 and D > 0:
                 dxt = dx if need_x else dy
-                _adapter_bwd_cols_kernel[(n_d, n_split)](
+                _adapter_bwd_cols_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), n_split)](
                     dy, x, z, dz, w_down, dxt, dwu_p, dwd_p, dbu_p,
                     M, D, H, rows_per, s,
                     dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), z.stride(0), z.stride(1),

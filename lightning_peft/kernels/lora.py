@@ -75,11 +75,25 @@ def _gemm_configs():
     ]
 
 
-def _warps_configs():
-    """Kernels whose block sizes fix their grid/partial buffers tune only warps and stages."""
+#: Row slices of the split-reduction kernels are multiples of this, so that any tuned row block divides them.
+_ROW_ALIGN = 128
+
+
+def _skinny_configs():
     if INTERPRET:
-        return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+        return [triton.Config({"BLOCK_I": 64, "BLOCK_L": 128}, num_warps=4)]
+    c = triton.Config
+    return [c({"BLOCK_I": bi, "BLOCK_L": bl}, num_warps=w, num_stages=st)
+            for bi, bl, w, st in [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3),
+                                  (128, 64, 8, 3), (32, 64, 4, 4)]]
+
+
+def _dy_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 128}, num_warps=4)]
+    c = triton.Config
+    return [c({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+            for bm, w, st in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 8, 4)]]
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "stride_bk", "HAS_LORA", "BLOCK_R"])
@@ -141,9 +155,11 @@ def _gemm_lora_kernel(
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         up = tl.load(up_ptr + offs_r[:, None] * stride_ur + rn[None, :] * stride_un,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        lo = prep_operand(lo, DT, ACC, LOW_PREC, UPCAST)
+        # scale folded into LO, and the product accumulated into acc itself: a second
+        # (BLOCK_M, BLOCK_N) accumulator would double the register footprint and spill
+        lo = prep_operand(lo * scale, DT, ACC, LOW_PREC, UPCAST)
         up = prep_operand(up, DT, ACC, LOW_PREC, UPCAST)
-        acc += scale * tl.dot(lo, up, input_precision=INPUT_PRECISION)
+        acc = tl.dot(lo, up, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(ACC)
         acc += bias[None, :]
@@ -152,7 +168,7 @@ def _gemm_lora_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=_warps_configs(), key=["I_BUCKET", "L", "BLOCK_I", "BLOCK_L", "BLOCK_R"])
+@triton.autotune(configs=_skinny_configs(), key=["I_BUCKET", "L", "stride_pl", "BLOCK_R"])
 @triton.jit
 def _skinny_kernel(
     p_ptr, q_ptr, out_ptr,
@@ -193,7 +209,7 @@ def _skinny_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=_warps_configs(), key=["M_BUCKET", "N", "BLOCK_M", "BLOCK_N", "BLOCK_R"])
+@triton.autotune(configs=_dy_configs(), key=["M_BUCKET", "N", "BLOCK_N", "BLOCK_R"])
 @triton.jit
 def _dy_pass_kernel(
     dy_ptr, h_ptr, b_ptr, dh_part_ptr, db_part_ptr,
@@ -284,32 +300,40 @@ def _gemm(a: Tensor, b_t: Tensor, lo: Optional[Tensor], up_t: Optional[Tensor], 
     return c
 
 
-def _skinny(p: Tensor, q: Tensor, splits_target: int = 1) -> Tensor:
+def _split_rows(n_rows: int, n_cols_programs: int, device: torch.device) -> tuple[int, int]:
+    """(rows per slice, slices) for a reduction over ``n_rows`` split across programs: about four
+    programs per SM in all, slices a multiple of ``_ROW_ALIGN`` rows."""
+    n_blocks = max(1, triton.cdiv(n_rows, _ROW_ALIGN))
+    want = max(1, min(n_blocks, triton.cdiv(4 * num_sms(device), max(1, n_cols_programs))))
+    rows_per = triton.cdiv(n_blocks, want) * _ROW_ALIGN
+    return rows_per, max(1, triton.cdiv(n_rows, rows_per))
+
+
+def _skinny(p: Tensor, q: Tensor, split: bool = False) -> Tensor:
     """``p·q`` for a long-by-small ``q`` ``(L, R)``: returns ``(I, R)`` in the accumulation dtype.
 
-    ``splits_target > 1`` splits the long axis L across programs (partial sums, then ``sum``).
+    ``split`` divides the long axis L across programs (partial sums, then ``sum``): for
+    ``dAᵀ = x̃ᵀ·dh``, whose I = K alone gives too few programs.
     """
     I, L = p.shape
     R = q.shape[1]
     prec = precision_for(p.dtype)
-    BLOCK_R = next_pow2(R)
-    if INTERPRET:
-        BLOCK_I, BLOCK_L = 64, 128
+    if split:
+        l_per, n_split = _split_rows(L, triton.cdiv(I, 64), p.device)
     else:
-        BLOCK_I, BLOCK_L = (64, 64) if BLOCK_R <= 32 else (32, 64)
-    n_i = triton.cdiv(I, BLOCK_I)
-    n_split = max(1, min(splits_target, triton.cdiv(L, BLOCK_L)))
-    l_per = triton.cdiv(triton.cdiv(L, n_split), BLOCK_L) * BLOCK_L
-    n_split = triton.cdiv(L, l_per) if L > 0 else 1
-    out = torch.zeros((n_split, I, R), device=p.device, dtype=prec.acc_torch)
-    if I == 0 or L == 0 or R == 0:
+        l_per, n_split = max(L, 1), 1
+    out = torch.empty((n_split, I, R), device=p.device, dtype=prec.acc_torch)
+    if I == 0 or R == 0:
         return out.sum(0)
-    _skinny_kernel[(n_i, n_split)](
+    if L == 0:
+        return out.zero_().sum(0)
+    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_I"]), n_split)  # noqa: E731
+    _skinny_kernel[grid](
         p, q, out, I, L, R, l_per,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1), out.stride(2),
         next_pow2(I),
         ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision,
-        BLOCK_I=BLOCK_I, BLOCK_L=BLOCK_L, BLOCK_R=BLOCK_R,
+        BLOCK_R=next_pow2(R),
     )
     return out[0] if n_split == 1 else out.sum(0)
 
@@ -320,18 +344,14 @@ def _dy_pass(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tenso
     R = lora_b.shape[1]
     prec = precision_for(dy.dtype)
     BLOCK_R = next_pow2(R)
-    if INTERPRET:
-        BLOCK_M, BLOCK_N = 128, 64
-    else:
-        BLOCK_M, BLOCK_N = (64, 256) if BLOCK_R <= 32 else (64, 128)
+    # BLOCK_N is fixed (it sets the number of dh partial sums); the row block is tuned
+    BLOCK_N = 64 if INTERPRET else (256 if BLOCK_R <= 32 else 128)
     n_n = triton.cdiv(N, BLOCK_N)
-    n_mblocks = triton.cdiv(M, BLOCK_M)
-    target = 4 * num_sms(dy.device)
-    n_split = max(1, min(n_mblocks, triton.cdiv(target, n_n)))
-    rows_per = triton.cdiv(n_mblocks, n_split) * BLOCK_M
-    n_split = triton.cdiv(M, rows_per)
+    rows_per, n_split = _split_rows(M, n_n, dy.device)
     dh_part = torch.empty((n_n, M, R), device=dy.device, dtype=prec.acc_torch)
     db_part = torch.empty((n_split, N, R), device=dy.device, dtype=prec.acc_torch)
+    if M == 0 or N == 0:
+        return dh_part.zero_().sum(0), db_part.zero_().sum(0)
     _dy_pass_kernel[(n_n, n_split)](
         dy, h, lora_b, dh_part, db_part,
         M, N, R, rows_per, float(scale),
@@ -340,7 +360,7 @@ def _dy_pass(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tenso
         db_part.stride(0), db_part.stride(1), db_part.stride(2),
         next_pow2(M),
         ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
     )
     dh = dh_part[0] if n_n == 1 else dh_part.sum(0)
     db = db_part[0] if n_split == 1 else db_part.sum(0)
@@ -383,6 +403,9 @@ class LoRALinearFunction(torch.autograd.Function):
             need_dh = need_a or need_x or need_xd
             if need_dh or need_b:
                 dh, db = _dy_pass(dy, h, lora_b, s)  # dh = s·dy·B, dB = s·dyᵀ·h
+            if need_a:  # dA = dhᵀ·x̃, computed as (x̃ᵀ·dh)ᵀ; before dx so its partials never coexist with dx
+                da = _skinny(branch.t(), dh, split=True).t().to(lora_a.dtype)
+                da = da.contiguous()
             if need_x:
                 if xd is None:  # dx = dy·W + dh·A, rank-r term in the GEMM epilogue
                     dx = _gemm(dy, weight, dh, lora_a, None, 1.0, x.dtype)
@@ -390,9 +413,6 @@ class LoRALinearFunction(torch.autograd.Function):
                     dx = _gemm(dy, weight, None, None, None, 1.0, x.dtype)
             if need_xd:
                 dxd = torch.mm(dh.to(x.dtype), lora_a)  # dropout fallback: torch applies the mask
-            if need_a:  # dA = dhᵀ·x̃, computed as (x̃ᵀ·dh)ᵀ
-                da = _skinny(branch.t(), dh, splits_target=2 * num_sms(x.device)).t().to(lora_a.dtype)
-                da = da.contiguous()
             if need_w:
                 dw = torch.mm(dy.t(), x)
             if need_bias:
