@@ -7,7 +7,8 @@ forward+backward, in bf16, and prints every time as a ratio to the floor measure
 * LoRA, r=16, frozen base weight, (M tokens, K→N) = (8192, 4096→4096), (16384, 2048→2048),
   (8192, 4096→14336): floor = the frozen base linear alone (``F.linear``, no bias); rows for the
   eager reference (``lora_linear_reference``), ``torch.compile`` of it, our Triton kernels
-  (``lora_linear_triton``) and HF PEFT's LoRA layer when ``peft`` imports.
+  (``lora_linear_triton``; on sm_90+ also ``triton_no_tma``, the pointer-based GEMM instead of the
+  TMA one) and HF PEFT's LoRA layer when ``peft`` imports.
 * Bottleneck adapter, m=64, GELU, residual = x, (M, d) = (8192, 4096): floor = the residual
   alone (``x * 1.0``: read x, write y; backward read dy, write dx); rows for eager, compiled and
   Triton.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -47,14 +49,14 @@ import torch.nn.functional as F  # noqa: E402
 
 LORA_SHAPES = [(8192, 4096, 4096), (16384, 2048, 2048), (8192, 4096, 14336)]
 ADAPTER_SHAPES = [(8192, 4096)]
+DEV = "cuda"
+SMOKE = False  # --cpu-smoke: the whole script on CPU through the Triton interpreter, tiny shapes, no timing
 RANK, ALPHA, BOTTLENECK = 16, 32, 64
 TARGETS = {("lora", 8192, 4096, 4096): 1.10, ("lora", 16384, 2048, 2048): 1.25, ("adapter", 8192, 4096, 4096): 2.5}
 
 
 def bench(step, params, x, dy, rep):
     """(fwd+bwd ms, fwd ms, peak extra MiB) of ``y = step(x)``; ``y.backward(dy)``."""
-    from triton.testing import do_bench
-
     def fb():
         x.grad = None
         for p in params:
@@ -64,6 +66,14 @@ def bench(step, params, x, dy, rep):
     def fwd():
         with torch.no_grad():
             step(x)
+
+    if SMOKE:
+        t0 = time.perf_counter()
+        fb()
+        t1 = time.perf_counter()
+        fwd()
+        return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, 0.0
+    from triton.testing import do_bench
 
     for _ in range(3):  # compile, autotune, warm the allocator
         fb()
@@ -124,7 +134,7 @@ def peft_lora(K, N, dev, dt):
 def run_lora(M, K, N, args, results, checks):
     from lightning_peft.kernels import lora_linear_reference, lora_linear_triton
 
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = DEV, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     W = (torch.randn(N, K, device=dev, generator=g) / K**0.5).to(dt)
     A = (torch.randn(RANK, K, device=dev, generator=g) / K**0.5).to(dt).requires_grad_()
@@ -145,6 +155,9 @@ def run_lora(M, K, N, args, results, checks):
         compiled = torch.compile(lora_linear_reference)
         rows.append(("compiled_reference", lambda x_: compiled(x_, W, None, A, B, s), [A, B]))
     rows.append(("triton", lambda x_: lora_linear_triton(x_, W, None, A, B, s), [A, B]))
+    if DEV == "cuda" and torch.cuda.get_device_capability()[0] >= 9:  # the default there is the TMA GEMM; compare without
+        rows.append(("triton_no_tma", lambda x_: lora_linear_triton(x_, W, None, A, B, s), [A, B],
+                     {"LIGHTNING_PEFT_TMA": "0"}))
     try:
         m, params = peft_lora(K, N, dev, dt)
         rows.append(("hf_peft", m, params))
@@ -156,7 +169,7 @@ def run_lora(M, K, N, args, results, checks):
 def run_adapter(M, d, args, results, checks):
     from lightning_peft.kernels import adapter_bottleneck_reference, adapter_bottleneck_triton
 
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = DEV, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     p = [(torch.randn(BOTTLENECK, d, device=dev, generator=g) / d**0.5),
          torch.randn(BOTTLENECK, device=dev, generator=g) * 0.1,
@@ -182,13 +195,22 @@ def run_adapter(M, d, args, results, checks):
 
 def measure(kind, M, K, N, rows, x, dy, args, results):
     floor = None
-    for name, step, params in rows:
-        torch.cuda.empty_cache()
+    for name, step, params, *env in rows:
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        saved = {k: os.environ.get(k) for k in (env[0] if env else {})}
+        os.environ.update(env[0] if env else {})
         try:
             t_fb, t_f, peak = bench(step, params, x, dy, args.rep)
         except Exception as e:  # noqa: BLE001
             print(f"  {kind} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         if floor is None:
             floor = dict(fwd_bwd_ms=t_fb, fwd_ms=t_f, peak_extra_MiB=peak)
         r = dict(kind=kind, name=name, M=M, K=K, N=N, fwd_ms=round(t_f, 4), fwd_bwd_ms=round(t_fb, 4),
@@ -227,8 +249,16 @@ def main() -> int:
     ap.add_argument("--only", choices=["lora", "adapter"], help="run one family")
     ap.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (slow to compile)")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="check the script itself on CPU (TRITON_INTERPRET=1, tiny shapes, meaningless times)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.cpu_smoke:
+        global DEV, SMOKE, LORA_SHAPES, ADAPTER_SHAPES, TARGETS
+        DEV, SMOKE, args.skip_compile = "cpu", True, True
+        LORA_SHAPES, ADAPTER_SHAPES = [(80, 64, 48)], [(80, 64)]
+        TARGETS = {("lora", 80, 64, 48): 1.10, ("adapter", 80, 64, 64): 2.5}
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured. "
               "The kernels' correctness tests run on CPU: pytest tests/test_kernels_lora.py "
               "tests/test_kernels_bottleneck.py", file=sys.stderr)
@@ -239,7 +269,8 @@ def main() -> int:
         print("bench_kernels.py needs triton (pip install triton)", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    env = dict(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run, times meaningless)",
+               torch=torch.__version__, triton=triton.__version__,
                python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
     try:
         import peft

@@ -4,7 +4,8 @@ The CPU tests run the kernels through Triton's interpreter, which checks the ari
 that the kernels compile for a real GPU (dot shapes, layouts, shared memory, registers). This
 script records the exact launches the launchers make at the benchmark shapes (on ``meta``
 tensors, nothing is computed), then compiles each kernel with each of its autotune configs for
-the target (default sm_90, H100) with the same argument specialisations Triton applies at run
+the target (default sm_90, H100; the TMA GEMM variant too for 16-bit dtypes on sm_90+) with the
+same argument specialisations Triton applies at run
 time (integers equal to 1 become constants, multiples of 16 get divisibility hints), using the
 ptxas shipped with triton. It reports shared memory, registers and spills per config and exits
 non-zero if a kernel fails to compile or no config of a kernel fits the target.
@@ -48,11 +49,12 @@ class Recorder:
         return launch
 
 
-def record_launches(dtype: torch.dtype) -> list:
+def record_launches(dtype: torch.dtype, tma: bool) -> list:
     from lightning_peft.kernels import bottleneck, lora
 
+    os.environ[lora.TMA_ENV_VAR] = "1" if tma else "0"
     log: list = []
-    for mod, names in ((lora, ["_gemm_lora_kernel", "_skinny_kernel", "_dy_pass_kernel"]),
+    for mod, names in ((lora, ["_gemm_lora_kernel", "_gemm_lora_tma_kernel", "_skinny_kernel", "_dy_pass_kernel"]),
                        (bottleneck, ["_adapter_fwd_kernel", "_adapter_bwd_dz_kernel", "_adapter_bwd_cols_kernel"])):
         for n in names:
             kernel = getattr(mod, n)
@@ -70,6 +72,8 @@ def record_launches(dtype: torch.dtype) -> list:
         p.requires_grad_()
     x = torch.empty(M, d, **meta, requires_grad=True)
     bottleneck.AdapterBottleneckFunction.apply(x, *params, None, "gelu", 1.0).backward(torch.empty(M, d, **meta))
+    if tma:  # the TMA variant only replaces the big GEMMs
+        log = [entry for entry in log if entry[0] == "_gemm_lora_tma_kernel"]
     # one distinct launch per (kernel, specialisation)
     seen, unique = set(), []
     for name, kernel, args, kwargs in log:
@@ -81,8 +85,12 @@ def record_launches(dtype: torch.dtype) -> list:
 
 
 def _spec(v):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     if isinstance(v, torch.Tensor):
         return TT[v.dtype]
+    if isinstance(v, TensorDescriptor):
+        return ("desc", TT[v.base.dtype], tuple(v.strides))
     if isinstance(v, bool):
         return v
     if isinstance(v, int):
@@ -94,12 +102,16 @@ def compile_one(kernel, args, kwargs, config, arch):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     fn = kernel.fn
     names = fn.arg_names
     values = dict(zip(names, args))
     values.update(kwargs)
     values.update(config.kwargs)
+    if config.pre_hook is not None:  # e.g. sets the TMA descriptors' block shapes
+        config.pre_hook(values)
     sig, consts, attrs = {}, {}, {}
     constexpr_names = {p.name for p in fn.params if p.is_constexpr}
     for i, n in enumerate(names):
@@ -107,6 +119,8 @@ def compile_one(kernel, args, kwargs, config, arch):
         if n in constexpr_names:
             sig[n] = "constexpr"
             consts[n] = v
+        elif isinstance(v, TensorDescriptor):
+            sig[n] = mangle_type(v)
         elif isinstance(v, torch.Tensor):
             sig[n] = TT[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -149,7 +163,9 @@ def main() -> int:
     args = ap.parse_args()
     failures = 0
     for dname in args.dtypes.split(","):
-        launches = record_launches(DTYPES[dname])
+        launches = record_launches(DTYPES[dname], tma=False)
+        if args.arch >= 90 and DTYPES[dname] != torch.float32:
+            launches += record_launches(DTYPES[dname], tma=True)
         for name, kernel, largs, lkwargs in launches:
             configs = kernel.configs[:1] if args.first_config_only else kernel.configs
             fitting = 0

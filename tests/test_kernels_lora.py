@@ -85,6 +85,48 @@ def test_bf16_output_and_gradients(lead, K, N, r, bias):
     compare(m, dy, torch.bfloat16)
 
 
+class _LaunchSpy:
+    """Stands in for an autotuned kernel and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def gemm_spies(monkeypatch):
+    from lightning_peft.kernels import lora
+
+    spies = {n: _LaunchSpy(getattr(lora, n)) for n in ("_gemm_lora_kernel", "_gemm_lora_tma_kernel")}
+    for n, spy_ in spies.items():
+        monkeypatch.setattr(lora, n, spy_)
+    return spies
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_gemm_variant(monkeypatch, gemm_spies, dtype):
+    # the Hopper path (TMA descriptors, no masks in the main loop); forced on, it runs under the
+    # interpreter too when rows are 16-byte aligned (K, N multiples of 8 in 16-bit)
+    monkeypatch.setenv("LIGHTNING_PEFT_TMA", "1")
+    m, dy = masters((5, 31), 152, 72, 8, True, seed=10)
+    compare(m, dy, dtype, trainable=("x", "lora_a", "lora_b"))
+    assert gemm_spies["_gemm_lora_tma_kernel"].launches == 2  # forward and dx
+    assert gemm_spies["_gemm_lora_kernel"].launches == 0
+    m, dy = masters((9, 41), 41, 37, 8, True, seed=10)  # rows not 16-byte aligned: pointer kernel
+    compare(m, dy, dtype, trainable=("x",))
+    assert gemm_spies["_gemm_lora_kernel"].launches == 2
+
+
+def test_tma_is_off_by_default_on_cpu(monkeypatch, gemm_spies):
+    monkeypatch.delenv("LIGHTNING_PEFT_TMA", raising=False)
+    m, dy = masters((5, 31), 152, 72, 8, True, seed=11)
+    compare(m, dy, torch.float16, trainable=("x",))
+    assert gemm_spies["_gemm_lora_tma_kernel"].launches == 0 or CUDA
+
+
 def test_trainable_base_weight_and_bias_get_gradients():
     m, dy = masters((9, 41), 41, 37, 8, True, seed=3)
     compare(m, dy, torch.float32, trainable=("x", "weight", "bias", "lora_a", "lora_b"))
@@ -343,3 +385,20 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu(request):
                           "--dtypes", "bf16"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "all kernels compile" in out.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_end_to_end_on_cpu(request, tmp_path):
+    # the benchmark's own code path (checks, table, JSON) through the interpreter at tiny shapes
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow: run with -m slow")
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_kernels.py"), "--cpu-smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    data = json.loads(out.read_text())
+    assert all(c["passed"] for c in data["checks"]) and len(data["checks"]) == 2
+    names = {(r["kind"], r["name"]) for r in data["results"]}
+    assert {("lora", "frozen_linear"), ("lora", "triton"), ("adapter", "residual_floor"), ("adapter", "triton")} <= names

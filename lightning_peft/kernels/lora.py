@@ -28,6 +28,7 @@ from ``torch.mm`` / ``sum`` (only if they require grad). Ranks are padded to a p
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -96,6 +97,55 @@ def _dy_configs():
             for bm, w, st in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 8, 4)]]
 
 
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering of output tiles (programs sharing a B column block run together, for L2)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_epilogue(
+    acc, pid_m, pid_n, M, N, R, lo_ptr, up_ptr, bias_ptr, c_ptr,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_cm, stride_cn, scale,
+    DT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr, LOW_PREC: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``acc += scale·LO_tile·UP_tile (+ bias)``, then the one store of the output tile."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        lo = tl.load(lo_ptr + rm[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        up = tl.load(up_ptr + offs_r[:, None] * stride_ur + rn[None, :] * stride_un,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        # scale folded into LO, and the product accumulated into acc itself: a second
+        # (BLOCK_M, BLOCK_N) accumulator would double the register footprint and spill
+        lo = prep_operand(lo * scale, DT, ACC, LOW_PREC, UPCAST)
+        up = prep_operand(up, DT, ACC, LOW_PREC, UPCAST)
+        acc = tl.dot(lo, up, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(ACC)
+        acc += bias[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "stride_bk", "HAS_LORA", "BLOCK_R"])
 @triton.jit
 def _gemm_lora_kernel(
@@ -116,25 +166,14 @@ def _gemm_lora_kernel(
     kernel is the forward (A=x, B=Wᵀ, LO=h, UP=Bᵀ) and the dx GEMM (A=dy, B=W, LO=dh, UP=A).
     """
     DT: tl.constexpr = a_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    rm = offs_m.to(tl.int64)
-    rn = offs_n.to(tl.int64)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + rn[None, :] * stride_bn
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -148,24 +187,62 @@ def _gemm_lora_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        lo = tl.load(lo_ptr + rm[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        up = tl.load(up_ptr + offs_r[:, None] * stride_ur + rn[None, :] * stride_un,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        # scale folded into LO, and the product accumulated into acc itself: a second
-        # (BLOCK_M, BLOCK_N) accumulator would double the register footprint and spill
-        lo = prep_operand(lo * scale, DT, ACC, LOW_PREC, UPCAST)
-        up = prep_operand(up, DT, ACC, LOW_PREC, UPCAST)
-        acc = tl.dot(lo, up, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(ACC)
-        acc += bias[None, :]
+    _lora_epilogue(acc, pid_m, pid_n, M, N, R, lo_ptr, up_ptr, bias_ptr, c_ptr,
+                   stride_lm, stride_lr, stride_ur, stride_un, stride_cm, stride_cn, scale,
+                   DT, HAS_LORA, HAS_BIAS, BLOCK_R, ACC, LOW_PREC, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: the TMA descriptors' boxes follow the config's block sizes."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_KMAJOR"] else [bk, bn]
+
+
+def _tma_configs():
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
+            for c in _gemm_configs()]
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "B_KMAJOR", "HAS_LORA", "BLOCK_R"])
+@triton.jit
+def _gemm_lora_tma_kernel(
+    a_desc, b_desc, lo_ptr, up_ptr, bias_ptr, c_ptr,
+    M, N, K, R,
+    stride_lm, stride_lr, stride_ur, stride_un,
+    stride_cm, stride_cn,
+    scale,
+    M_BUCKET,  # autotune key only
+    B_KMAJOR: tl.constexpr,  # B is given as its transpose (N, K) (the forward's W), else as (K, N)
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr, LOW_PREC: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """:func:`_gemm_lora_kernel` with A and B read through TMA descriptors (Hopper and newer).
+
+    The descriptors zero-fill out-of-bounds boxes, so the main loop has no masks; the epilogue is
+    the same. Used for 16-bit inputs whose rows are 16-byte aligned.
+    """
+    DT: tl.constexpr = a_desc.dtype
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        off_k = k * BLOCK_K
+        a = a_desc.load([off_m, off_k])
+        if B_KMAJOR:
+            b = b_desc.load([off_n, off_k]).T
+        else:
+            b = b_desc.load([off_k, off_n])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    _lora_epilogue(acc, pid_m, pid_n, M, N, R, lo_ptr, up_ptr, bias_ptr, c_ptr,
+                   stride_lm, stride_lr, stride_ur, stride_un, stride_cm, stride_cn, scale,
+                   DT, HAS_LORA, HAS_BIAS, BLOCK_R, ACC, LOW_PREC, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.autotune(configs=_skinny_configs(), key=["I_BUCKET", "L", "stride_pl", "BLOCK_R"])
@@ -265,6 +342,31 @@ def _dy_pass_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+TMA_ENV_VAR = "LIGHTNING_PEFT_TMA"
+
+
+def _tma_wanted(t: Tensor) -> bool:
+    """``LIGHTNING_PEFT_TMA``: ``0`` never, ``1`` whenever the layout allows (the interpreter too);
+    unset: on CUDA devices of compute capability 9.0 and newer."""
+    mode = os.environ.get(TMA_ENV_VAR, "").strip().lower()
+    if mode in ("0", "false", "off", "no"):
+        return False
+    if mode in ("1", "true", "on", "yes"):
+        return True
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _tma_ok(t: Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can read: last dim contiguous, 16-byte aligned base and rows."""
+    return (
+        t.dtype in (torch.float16, torch.bfloat16)
+        and t.stride(1) == 1
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        and min(t.shape) > 0
+    )
+
+
 def _gemm(a: Tensor, b_t: Tensor, lo: Optional[Tensor], up_t: Optional[Tensor], bias: Optional[Tensor],
           scale: float, out_dtype: torch.dtype) -> Tensor:
     """``a·b_t + scale·lo·up_t + bias``; ``b_t`` ``(K, N)`` and ``up_t`` ``(R, N)`` may be views."""
@@ -285,18 +387,36 @@ def _gemm(a: Tensor, b_t: Tensor, lo: Optional[Tensor], up_t: Optional[Tensor], 
     R = lo.shape[1] if has_lora else 0
     dummy = c
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_lora_kernel[grid](
-        a, b_t, lo if has_lora else dummy, up_t if has_lora else dummy, bias if bias is not None else dummy, c,
+    epilogue_args = (
+        lo if has_lora else dummy, up_t if has_lora else dummy, bias if bias is not None else dummy, c,
         M, N, K, R,
-        a.stride(0), a.stride(1), b_t.stride(0), b_t.stride(1),
+    )
+    epilogue_strides = (
         lo.stride(0) if has_lora else 0, lo.stride(1) if has_lora else 0,
         up_t.stride(0) if has_lora else 0, up_t.stride(1) if has_lora else 0,
         c.stride(0), c.stride(1),
         float(scale),
         next_pow2(M),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=next_pow2(R) if has_lora else 16,
-        ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision,
     )
+    meta = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=next_pow2(R) if has_lora else 16,
+                ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision)
+    b_kmajor = b_t.stride(0) == 1  # b_t is the transpose of a row-major (N, K) tensor (the forward's W)
+    b_rows = b_t.t() if b_kmajor else b_t
+    if _tma_wanted(a) and _tma_ok(a) and _tma_ok(b_rows):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # block shapes are placeholders: the autotune pre-hook sets them per config
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [16, 16])
+        b_desc = TensorDescriptor(b_rows, list(b_rows.shape), list(b_rows.stride()), [16, 16])
+        _gemm_lora_tma_kernel[grid](a_desc, b_desc, *epilogue_args, *epilogue_strides, B_KMAJOR=b_kmajor, **meta)
+    else:
+        _gemm_lora_kernel[grid](
+            a, b_t, *epilogue_args[:4],
+            M, N, K, R,
+            a.stride(0), a.stride(1), b_t.stride(0), b_t.stride(1),
+            *epilogue_strides,
+            **meta,
+        )
     return c
 
 
