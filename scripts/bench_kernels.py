@@ -44,8 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 LORA_SHAPES = [(8192, 4096, 4096), (16384, 2048, 2048), (8192, 4096, 14336)]
 ADAPTER_SHAPES = [(8192, 4096)]
@@ -167,7 +167,10 @@ def run_lora(M, K, N, args, results, checks):
 
 
 def run_adapter(M, d, args, results, checks):
-    from lightning_peft.kernels import adapter_bottleneck_reference, adapter_bottleneck_triton
+    from lightning_peft.kernels import (
+        adapter_bottleneck_reference,
+        adapter_bottleneck_triton,
+    )
 
     dev, dt = DEV, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)

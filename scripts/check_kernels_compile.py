@@ -29,7 +29,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -181,7 +181,7 @@ def main() -> int:
                 fits = shared <= MAX_SHARED.get(args.arch, 232448)
                 fitting += fits
                 regs, stack = resource_usage(ck)
-                print(f"{'ok  ' if fits else 'BIG '} {dname} {name:26s} {str(cfg.kwargs):62s} w{cfg.num_warps} "
+                print(f"{'ok  ' if fits else 'BIG '} {dname} {name:26s} {cfg.kwargs!s:62s} w{cfg.num_warps} "
                       f"s{cfg.num_stages}  smem {shared / 1024:6.1f} KiB  regs {regs:3d}  stack {stack:4d}  "
                       f"{time.time() - t0:4.1f}s", flush=True)
             if fitting == 0:

@@ -9,18 +9,17 @@ import math
 
 import pytest
 import torch
+from kernel_checks import CUDA, DEVICE, assert_like_reference, leaves, run_and_grads
 
 from lightning_peft.kernels import (
     ACTIVATIONS,
     adapter_bottleneck,
     adapter_bottleneck_reference,
     adapter_bottleneck_triton,
+    dispatch,
     set_kernels_enabled,
     use_kernels,
 )
-from lightning_peft.kernels import dispatch
-
-from kernel_checks import CUDA, DEVICE, assert_like_reference, leaves, run_and_grads
 
 ORDER = ["x", "w_down", "b_down", "w_up", "b_up"]
 ALL = {"x", "w_down", "b_down", "w_up", "b_up"}
@@ -28,7 +27,7 @@ ALL = {"x", "w_down", "b_down", "w_up", "b_up"}
 
 def masters(lead, d, m, bias=True, residual=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     t = {
         "x": f(*lead, d),
         "w_down": f(m, d) / math.sqrt(d),
@@ -222,7 +221,7 @@ def test_dispatch_uses_triton_on_cuda_unless_turned_off(monkeypatch):
 def test_benchmark_shapes_bf16_on_gpu(M, d):
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
-    f = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    f = lambda *s: torch.randn(*s, device="cuda", generator=g)
     t = {"x": f(M, d), "w_down": f(64, d) / d**0.5, "b_down": f(64) * 0.1, "w_up": f(d, 64) / 8, "b_up": f(d) * 0.1}
     dy = f(M, d)
 

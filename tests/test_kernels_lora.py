@@ -14,8 +14,10 @@ import sys
 
 import pytest
 import torch
+from kernel_checks import CUDA, DEVICE, assert_like_reference, leaves, run_and_grads
 
 from lightning_peft.kernels import (
+    dispatch,
     kernels_enabled,
     lora_linear,
     lora_linear_reference,
@@ -23,9 +25,6 @@ from lightning_peft.kernels import (
     set_kernels_enabled,
     use_kernels,
 )
-from lightning_peft.kernels import dispatch
-
-from kernel_checks import CUDA, DEVICE, assert_like_reference, leaves, run_and_grads
 
 ORDER = ["x", "weight", "bias", "lora_a", "lora_b"]
 SCALE = 1.75
@@ -33,7 +32,7 @@ SCALE = 1.75
 
 def masters(lead, K, N, r, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     return {
         "x": f(*lead, K),
         "weight": f(N, K) / math.sqrt(K),
@@ -163,7 +162,7 @@ def test_dropout_matches_reference_with_the_same_rng_state():
 
 
 def test_non_contiguous_input():
-    m, dy = masters((41, 9), 41, 37, 8, True, seed=7)
+    m, _ = masters((41, 9), 41, 37, 8, True, seed=7)
     args = leaves(m, torch.float32, {"lora_a", "lora_b"})
     xt = args["x"].transpose(0, 1)  # (9, 41, K) view, not contiguous
     yk = lora_linear_triton(xt, args["weight"], args["bias"], args["lora_a"], args["lora_b"], SCALE)
@@ -297,9 +296,8 @@ def test_use_kernels_restores_the_previous_state(clean_switch):
 
 
 def test_use_kernels_restores_on_exception(clean_switch):
-    with pytest.raises(RuntimeError):
-        with use_kernels(False):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), use_kernels(False):
+        raise RuntimeError("boom")
     assert kernels_enabled()
 
 
@@ -337,7 +335,7 @@ def test_importing_the_package_does_not_load_the_triton_kernel_modules():
 def test_benchmark_shapes_bf16_on_gpu(M, K, N):
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
-    f = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    f = lambda *s: torch.randn(*s, device="cuda", generator=g)
     m = {"x": f(M, K), "weight": f(N, K) / K**0.5, "bias": None, "lora_a": f(16, K) / K**0.5, "lora_b": f(N, 16) * 0.1}
     dy = f(M, N)
     req = {"x", "lora_a", "lora_b"}

@@ -26,7 +26,12 @@ from .dispatch import (
     triton_available,
     use_kernels,
 )
-from .reference import ACTIVATIONS, MAX_LORA_RANK, adapter_bottleneck_reference, lora_linear_reference
+from .reference import (
+    ACTIVATIONS,
+    MAX_LORA_RANK,
+    adapter_bottleneck_reference,
+    lora_linear_reference,
+)
 
 __all__ = [
     "ACTIVATIONS",

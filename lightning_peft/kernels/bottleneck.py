@@ -24,8 +24,6 @@ Backward, two kernels:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -44,7 +42,7 @@ from ._triton_common import (
 )
 from .reference import activation_fn, check_adapter_args
 
-__all__ = ["AdapterBottleneckFunction", "MAX_BOTTLENECK", "adapter_bottleneck_triton"]
+__all__ = ["MAX_BOTTLENECK", "AdapterBottleneckFunction", "adapter_bottleneck_triton"]
 
 #: Largest bottleneck size m the fused kernels take (the whole ``(rows, m)`` tile stays in registers).
 MAX_BOTTLENECK = 256
@@ -308,7 +306,7 @@ class AdapterBottleneckFunction(torch.autograd.Function):
         res = residual if residual is not None else x
         if M > 0 and D > 0:
             with device_guard(x):
-                grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+                grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
                 _adapter_fwd_kernel[grid](
                     x, res, w_down, b_down if b_down is not None else x, w_up, b_up if b_up is not None else x,
                     y, z, M, D, H, float(scale),
@@ -395,12 +393,12 @@ class AdapterBottleneckFunction(torch.autograd.Function):
 def adapter_bottleneck_triton(
     x: Tensor,
     w_down: Tensor,
-    b_down: Optional[Tensor],
+    b_down: Tensor | None,
     w_up: Tensor,
-    b_up: Optional[Tensor],
+    b_up: Tensor | None,
     activation: str = "gelu",
     scale: float = 1.0,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """:func:`~lightning_peft.kernels.reference.adapter_bottleneck_reference` computed by Triton kernels.
 
@@ -421,7 +419,7 @@ def adapter_bottleneck_triton(
         # add in the residual's own dtype (an fp32 residual stream stays fp32)
         residual = x if residual is None else residual
         x, w_down, b_down, w_up, b_up = autocast_cast(x.device.type, x, w_down, b_down, w_up, b_up)
-    dtype = check_dtypes({"x": x, "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up}, x.device)
+    check_dtypes({"x": x, "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up}, x.device)
     if residual is not None:
         check_dtypes({"residual": residual}, x.device)  # any supported dtype; y takes the promoted one
     d = w_down.shape[1]

@@ -15,12 +15,16 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from .reference import MAX_LORA_RANK, adapter_bottleneck_reference, lora_linear_reference
+from .reference import (
+    MAX_LORA_RANK,
+    adapter_bottleneck_reference,
+    lora_linear_reference,
+)
 
 __all__ = [
     "adapter_bottleneck",
@@ -38,7 +42,7 @@ _OFF = {"0", "false", "off", "no"}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BOTTLENECK = 256  # == bottleneck.MAX_BOTTLENECK, repeated here so dispatch never imports triton
 
-_override: Optional[bool] = None  # set by use_kernels / set_kernels_enabled; None: the env var decides
+_override: bool | None = None  # set by use_kernels / set_kernels_enabled; None: the env var decides
 
 
 def kernels_enabled() -> bool:
@@ -52,7 +56,7 @@ def kernels_enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in _OFF
 
 
-def set_kernels_enabled(enabled: Optional[bool]) -> Optional[bool]:
+def set_kernels_enabled(enabled: bool | None) -> bool | None:
     """Turn the kernels on/off for the process (``None``: back to the env var); returns the previous setting."""
     global _override
     previous, _override = _override, None if enabled is None else bool(enabled)
@@ -75,14 +79,14 @@ def use_kernels(enabled: bool = True) -> Iterator[None]:
         set_kernels_enabled(previous)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether triton can be imported (checked once, by importing it on first call)."""
     try:
         if importlib.util.find_spec("triton") is None:
             return False
         import triton  # noqa: F401
-    except Exception:  # not installed, blocked, or broken (e.g. no matching driver library)
+    except Exception:  # noqa: BLE001 - not installed, blocked, or broken (e.g. no matching driver library)
         return False
     return True
 
@@ -107,7 +111,7 @@ def _use_triton(x: Tensor) -> bool:
 def lora_linear_triton(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,
@@ -126,12 +130,12 @@ def lora_linear_triton(
 def adapter_bottleneck_triton(
     x: Tensor,
     w_down: Tensor,
-    b_down: Optional[Tensor],
+    b_down: Tensor | None,
     w_up: Tensor,
-    b_up: Optional[Tensor],
+    b_up: Tensor | None,
     activation: str = "gelu",
     scale: float = 1.0,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """:func:`adapter_bottleneck` always through the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
@@ -146,7 +150,7 @@ def adapter_bottleneck_triton(
 def lora_linear(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,
@@ -175,12 +179,12 @@ def lora_linear(
 def adapter_bottleneck(
     x: Tensor,
     w_down: Tensor,
-    b_down: Optional[Tensor],
+    b_down: Tensor | None,
     w_up: Tensor,
-    b_up: Optional[Tensor],
+    b_up: Tensor | None,
     activation: str = "gelu",
     scale: float = 1.0,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Bottleneck adapter ``y = residual + s·(act(x·W_downᵀ + b_down)·W_upᵀ + b_up)``, differentiable.
 

@@ -29,7 +29,6 @@ from ``torch.mm`` / ``sum`` (only if they require grad). Ranks are padded to a p
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +175,7 @@ def _gemm_lora_kernel(
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
@@ -228,7 +227,7 @@ def _gemm_lora_tma_kernel(
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         off_k = k * BLOCK_K
         a = a_desc.load([off_m, off_k])
         if B_KMAJOR:
@@ -367,7 +366,7 @@ def _tma_ok(t: Tensor) -> bool:
     )
 
 
-def _gemm(a: Tensor, b_t: Tensor, lo: Optional[Tensor], up_t: Optional[Tensor], bias: Optional[Tensor],
+def _gemm(a: Tensor, b_t: Tensor, lo: Tensor | None, up_t: Tensor | None, bias: Tensor | None,
           scale: float, out_dtype: torch.dtype) -> Tensor:
     """``a·b_t + scale·lo·up_t + bias``; ``b_t`` ``(K, N)`` and ``up_t`` ``(R, N)`` may be views."""
     M, K = a.shape
@@ -386,7 +385,7 @@ def _gemm(a: Tensor, b_t: Tensor, lo: Optional[Tensor], up_t: Optional[Tensor], 
     has_lora = lo is not None
     R = lo.shape[1] if has_lora else 0
     dummy = c
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     epilogue_args = (
         lo if has_lora else dummy, up_t if has_lora else dummy, bias if bias is not None else dummy, c,
         M, N, K, R,
@@ -447,7 +446,7 @@ def _skinny(p: Tensor, q: Tensor, split: bool = False) -> Tensor:
         return out.sum(0)
     if L == 0:
         return out.zero_().sum(0)
-    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_I"]), n_split)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_I"]), n_split)
     _skinny_kernel[grid](
         p, q, out, I, L, R, l_per,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1), out.stride(2),
@@ -506,7 +505,6 @@ class LoRALinearFunction(torch.autograd.Function):
             h = _skinny(branch, lora_a.t())  # (M, r) fp32: x̃·Aᵀ
             y = _gemm(x, weight.t(), h, lora_b.t(), bias, scale, x.dtype)
         ctx.scale = scale
-        ctx.has_xd = xd is not None
         ctx.save_for_backward(x, xd, weight, lora_a, lora_b, h)
         return y
 
@@ -545,7 +543,7 @@ class LoRALinearFunction(torch.autograd.Function):
 def lora_linear_triton(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,

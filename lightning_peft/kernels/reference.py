@@ -7,7 +7,7 @@ device and dtype and under ``torch.autocast``. The Triton kernels in :mod:`.lora
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +44,11 @@ def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
         ) from None
 
 
-def _shape(t: Optional[Tensor]) -> str:
+def _shape(t: Tensor | None) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
-def check_lora_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor) -> None:
+def check_lora_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor) -> None:
     """Raise a ValueError naming the argument whose shape does not fit ``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ``."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {_shape(weight)}")
@@ -70,8 +70,8 @@ def check_lora_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: T
 
 
 def check_adapter_args(
-    x: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
-    residual: Optional[Tensor] = None,
+    x: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
+    residual: Tensor | None = None,
 ) -> None:
     """Raise a ValueError naming the argument whose shape does not fit the bottleneck adapter."""
     if w_down.dim() != 2:
@@ -95,7 +95,7 @@ def check_adapter_args(
 def lora_linear_reference(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,
@@ -139,12 +139,12 @@ def lora_linear_reference(
 def adapter_bottleneck_reference(
     x: Tensor,
     w_down: Tensor,
-    b_down: Optional[Tensor],
+    b_down: Tensor | None,
     w_up: Tensor,
-    b_up: Optional[Tensor],
+    b_up: Tensor | None,
     activation: str = "gelu",
     scale: float = 1.0,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Bottleneck adapter: ``y = residual + s·(act(x·W_downᵀ + b_down)·W_upᵀ + b_up)``.
 
