@@ -218,8 +218,8 @@ def test_dispatch_uses_triton_on_cuda_unless_turned_off(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("M,d", [(8192, 4096), (16384, 2048)])
-def test_benchmark_shapes_bf16_on_gpu(M, d):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_benchmark_shapes_bf16_on_gpu(monkeypatch, M, d):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     g = torch.Generator(device="cuda").manual_seed(0)
     f = lambda *s: torch.randn(*s, device="cuda", generator=g)
     t = {"x": f(M, d), "w_down": f(64, d) / d**0.5, "b_down": f(64) * 0.1, "w_up": f(d, 64) / 8, "b_up": f(d) * 0.1}

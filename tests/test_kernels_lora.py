@@ -310,6 +310,16 @@ def test_env_var(monkeypatch, clean_switch, value, enabled):
     assert kernels_enabled() is enabled
 
 
+def test_autotune_switch(monkeypatch):
+    from lightning_peft.kernels._triton_common import AUTOTUNE_ENV_VAR, prune_configs
+
+    configs = ["first", "second", "third"]
+    monkeypatch.setenv(AUTOTUNE_ENV_VAR, "0")
+    assert prune_configs(configs, {}) == ["first"]
+    monkeypatch.setenv(AUTOTUNE_ENV_VAR, "1")
+    assert prune_configs(configs, {}) == configs
+
+
 def test_importing_the_package_does_not_load_the_triton_kernel_modules():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # triton unimportable
@@ -332,8 +342,8 @@ def test_importing_the_package_does_not_load_the_triton_kernel_modules():
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("M,K,N", [(8192, 4096, 4096), (16384, 2048, 2048), (8192, 4096, 14336)])
-def test_benchmark_shapes_bf16_on_gpu(M, K, N):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_benchmark_shapes_bf16_on_gpu(monkeypatch, M, K, N):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     g = torch.Generator(device="cuda").manual_seed(0)
     f = lambda *s: torch.randn(*s, device="cuda", generator=g)
     m = {"x": f(M, K), "weight": f(N, K) / K**0.5, "bias": None, "lora_a": f(16, K) / K**0.5, "lora_b": f(N, 16) * 0.1}

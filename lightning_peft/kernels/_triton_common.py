@@ -15,6 +15,7 @@ Precision scheme used by every kernel (fp32 accumulation throughout):
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,10 @@ import triton
 import triton.language as tl
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+
+#: ``LIGHTNING_PEFT_AUTOTUNE=0`` launches every kernel with its first config instead of timing
+#: them all on the first call per shape (the tests set it: correctness does not need the fastest one).
+AUTOTUNE_ENV_VAR = "LIGHTNING_PEFT_AUTOTUNE"
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -97,6 +102,14 @@ def autocast_cast(device_type: str, *tensors):
         return tensors
     dt = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dt) if (t is not None and t.is_floating_point()) else t for t in tensors)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` hook of every autotuned kernel: all configs, or the first one when
+    ``LIGHTNING_PEFT_AUTOTUNE`` is ``0`` (read on every call that would autotune)."""
+    if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no"):
+        return configs[:1]
+    return configs
 
 
 def num_sms(device: torch.device) -> int:

@@ -39,6 +39,7 @@ from ._triton_common import (
     num_sms,
     precision_for,
     prep_operand,
+    prune_configs,
 )
 from .reference import activation_fn, check_adapter_args
 
@@ -116,7 +117,8 @@ def _cols_configs():
 _ROW_ALIGN = 128
 
 
-@triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "D", "BLOCK_H", "HAS_RESIDUAL"])
+@triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "D", "BLOCK_H", "HAS_RESIDUAL"],
+                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _adapter_fwd_kernel(
     x_ptr, res_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, z_ptr,
@@ -178,7 +180,8 @@ def _adapter_fwd_kernel(
         tl.store(y_ptr + rm[:, None] * stride_ym + rd[None, :] * stride_yd, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_dz_configs(), key=["M_BUCKET", "D", "BLOCK_H"])
+@triton.autotune(configs=_dz_configs(), key=["M_BUCKET", "D", "BLOCK_H"],
+                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _adapter_bwd_dz_kernel(
     dy_ptr, wu_ptr, z_ptr, dz_ptr,
@@ -216,7 +219,8 @@ def _adapter_bwd_dz_kernel(
     tl.store(dz_ptr + rm[:, None] * stride_dzm + offs_h[None, :] * stride_dzh, dz, mask=mask)
 
 
-@triton.autotune(configs=_cols_configs(), key=["M_BUCKET", "D", "BLOCK_H", "NEED_DX", "NEED_WU", "NEED_WD"])
+@triton.autotune(configs=_cols_configs(), key=["M_BUCKET", "D", "BLOCK_H", "NEED_DX", "NEED_WU", "NEED_WD"],
+                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _adapter_bwd_cols_kernel(
     dy_ptr, x_ptr, z_ptr, dz_ptr, wd_ptr, dx_ptr, dwu_part_ptr, dwd_part_ptr, dbu_part_ptr,

@@ -46,6 +46,7 @@ from ._triton_common import (
     num_sms,
     precision_for,
     prep_operand,
+    prune_configs,
 )
 from .reference import MAX_LORA_RANK, check_lora_args
 
@@ -145,7 +146,8 @@ def _lora_epilogue(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "stride_bk", "HAS_LORA", "BLOCK_R"])
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "stride_bk", "HAS_LORA", "BLOCK_R"],
+                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _gemm_lora_kernel(
     a_ptr, b_ptr, lo_ptr, up_ptr, bias_ptr, c_ptr,
@@ -203,7 +205,8 @@ def _tma_configs():
             for c in _gemm_configs()]
 
 
-@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "B_KMAJOR", "HAS_LORA", "BLOCK_R"])
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "B_KMAJOR", "HAS_LORA", "BLOCK_R"],
+                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _gemm_lora_tma_kernel(
     a_desc, b_desc, lo_ptr, up_ptr, bias_ptr, c_ptr,
@@ -244,7 +247,8 @@ def _gemm_lora_tma_kernel(
                    DT, HAS_LORA, HAS_BIAS, BLOCK_R, ACC, LOW_PREC, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
 
-@triton.autotune(configs=_skinny_configs(), key=["I_BUCKET", "L", "stride_pl", "BLOCK_R"])
+@triton.autotune(configs=_skinny_configs(), key=["I_BUCKET", "L", "stride_pl", "BLOCK_R"],
+                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _skinny_kernel(
     p_ptr, q_ptr, out_ptr,
@@ -285,7 +289,8 @@ def _skinny_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=_dy_configs(), key=["M_BUCKET", "N", "BLOCK_N", "BLOCK_R"])
+@triton.autotune(configs=_dy_configs(), key=["M_BUCKET", "N", "BLOCK_N", "BLOCK_R"],
+                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _dy_pass_kernel(
     dy_ptr, h_ptr, b_ptr, dh_part_ptr, db_part_ptr,
