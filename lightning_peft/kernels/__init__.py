@@ -25,6 +25,7 @@ from .dispatch import (
     set_kernels_enabled,
     triton_available,
     use_kernels,
+    will_use_triton,
 )
 from .reference import (
     ACTIVATIONS,
@@ -46,4 +47,5 @@ __all__ = [
     "set_kernels_enabled",
     "triton_available",
     "use_kernels",
+    "will_use_triton",
 ]

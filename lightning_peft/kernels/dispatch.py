@@ -35,6 +35,7 @@ __all__ = [
     "set_kernels_enabled",
     "triton_available",
     "use_kernels",
+    "will_use_triton",
 ]
 
 ENV_VAR = "LIGHTNING_PEFT_KERNELS"
@@ -98,7 +99,8 @@ def _compiling() -> bool:
         return False
 
 
-def _use_triton(x: Tensor) -> bool:
+def will_use_triton(x: Tensor) -> bool:
+    """Whether a call on ``x`` goes to the Triton kernels (given sizes within their limits)."""
     return (
         x.is_cuda
         and x.dtype in _KERNEL_DTYPES
@@ -171,7 +173,7 @@ def lora_linear(
         >>> lora_linear(x, w, None, a, b, scale=0.5).shape
         torch.Size([2, 5, 6])
     """
-    if _use_triton(x) and lora_a.dim() == 2 and lora_a.shape[0] <= MAX_LORA_RANK:
+    if will_use_triton(x) and lora_a.dim() == 2 and lora_a.shape[0] <= MAX_LORA_RANK:
         return lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, dropout_p)
     return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p)
 
@@ -202,6 +204,6 @@ def adapter_bottleneck(
         >>> adapter_bottleneck(x, torch.randn(4, 8), None, torch.zeros(8, 4), None).shape
         torch.Size([2, 5, 8])
     """
-    if _use_triton(x) and w_down.dim() == 2 and w_down.shape[0] <= _MAX_BOTTLENECK:
+    if will_use_triton(x) and w_down.dim() == 2 and w_down.shape[0] <= _MAX_BOTTLENECK:
         return adapter_bottleneck_triton(x, w_down, b_down, w_up, b_up, activation, scale, residual)
     return adapter_bottleneck_reference(x, w_down, b_down, w_up, b_up, activation, scale, residual)
