@@ -18,9 +18,10 @@ from .models import TextClassifier, linear_warmup_decay, warmup_schedule
 from .param_groups import Placement, regroup_optimizer
 from .params import ParamCount, count_parameters
 from .peft import (
-    ALL_LINEAR, AdapterLayer, BitFitConfig, IA3Config, LoRAConfig, MethodConfig, active_adapters, adapter_batch,
-    adapter_config, adapter_state_dict, delete_adapter, disable_adapters, export_peft, import_peft, inject,
-    list_adapters, load_adapter, merge, merge_and_unload, save_adapter, set_adapter, unmerge,
+    ALL_LINEAR, AdapterLayer, BitFitConfig, IA3Config, LoRAConfig, MergeReport, MethodConfig, QLoRAConfig, QuantMemory,
+    QuantSpec, active_adapters, adapter_batch, adapter_config, adapter_state_dict, base_weight_memory, delete_adapter,
+    dequantize_model, disable_adapters, export_peft, import_peft, inject, list_adapters, load_adapter, merge,
+    merge_and_dequantize, merge_and_unload, save_adapter, set_adapter, unmerge,
 )
 
 __version__ = "0.1.0"
@@ -33,9 +34,11 @@ __all__ = [
     "AdapterLayer",
     "ALL_LINEAR",
     "BackboneSplit",
+    "base_weight_memory",
     "BitFitConfig",
     "count_parameters",
     "delete_adapter",
+    "dequantize_model",
     "disable_adapters",
     "DiscriminativeLR",
     "export_peft",
@@ -62,7 +65,9 @@ __all__ = [
     "LoRAConfig",
     "match_module_names",
     "merge",
+    "merge_and_dequantize",
     "merge_and_unload",
+    "MergeReport",
     "MethodConfig",
     "MetricsJSON",
     "ParamCount",
@@ -70,6 +75,9 @@ __all__ = [
     "PEFT",
     "PEFTMixin",
     "Placement",
+    "QLoRAConfig",
+    "QuantMemory",
+    "QuantSpec",
     "regroup_optimizer",
     "resolve_pretrained",
     "save_adapter",

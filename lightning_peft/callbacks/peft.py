@@ -147,6 +147,9 @@ class PEFT(pl.Callback):
         if self._checkpoints is not None:
             self._checkpoints.attach(pl_module)
         if self.verbose:
+            memory = base_weight_memory(pl_module)
+            if memory.layers:
+                rank_zero_info(f"PEFT: {memory}")
             counts = count_parameters(pl_module)
             wrapped = sum(1 for _, layer in adapter_layers(pl_module) if self.adapter_name in layer.adapters)
             rank_zero_info(

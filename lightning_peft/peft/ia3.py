@@ -17,6 +17,7 @@ from torch import nn
 from ..matching import name_matches
 from .config import MethodConfig
 from .layer import AdapterLayer
+from .quantization import is_quantized
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, is_linear, resolve_targets
 
@@ -108,6 +109,15 @@ class IA3Layer(AdapterLayer):
             if scale is not None:
                 y = y * scale if index is None else y.index_copy(0, index.to(y.device), y.index_select(0, index.to(y.device)) * scale)
         return y
+
+    def merge_blocker(self) -> str | None:
+        if is_quantized(self.base_layer):
+            return (
+                f"its base is a quantized {type(self.base_layer).__name__}: merged weights would be re-rounded to the "
+                "quantization grid and lose much of the update. Use merge_and_dequantize(model) (bf16 result; "
+                "requantize=QuantSpec(...) to quantize again and see the cost), or keep the adapters unmerged"
+            )
+        return None
 
     def _factors(self, name: str) -> tuple[torch.Tensor, bool]:
         """The vector and whether it scales rows of the stored weight (output dim) -- Conv1D stores (in, out)."""

@@ -123,6 +123,10 @@ class AdapterLayer(nn.Module):
                 self._unmerge(name)
         self.merged = ()
 
+    def merge_blocker(self) -> str | None:
+        """Why this layer's adapters cannot be merged into its base weights (``None``: they can)."""
+        return None
+
     def _merge(self, name: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot merge")
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .layer import AdapterLayer
+from .quantization import is_quantized
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
 
@@ -221,6 +222,15 @@ class LoRALayer(AdapterLayer):
             bias = bias.to(x.dtype) if bias is not None else None
         p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) and self.training else 0.0
         return dispatch.lora_linear_triton(x, base.weight, bias, a, b, adapter.scale, dropout_p=p)
+
+    def merge_blocker(self) -> str | None:
+        if is_quantized(self.base_layer):
+            return (
+                f"its base is a quantized {type(self.base_layer).__name__}: merged weights would be re-rounded to the "
+                "quantization grid and lose much of the update. Use merge_and_dequantize(model) (bf16 result; "
+                "requantize=QuantSpec(...) to quantize again and see the cost), or keep the adapters unmerged"
+            )
+        return None
 
     def _merge(self, name: str) -> None:
         adapter = self.adapters[name]

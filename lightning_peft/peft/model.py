@@ -110,6 +110,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise RuntimeError("Adapters are merged into the base weights; unmerge(model) before adding another")
     saved = resolve_modules_to_save(model, config)
+    if method.prepare is not None:
+        method.prepare(model, config, saved)
     sites = method.plan(model, config, saved) + [Site(n, "modules_to_save", {}) for n in saved]
     apply_sites(model, sites, adapter_name, config)
     model.requires_grad_(False)
@@ -197,6 +199,13 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
     if adapter_names is not None:
         _require(model, list(adapter_names))
     tied = _tied_elsewhere(model)
+    blocked = [
+        (name, reason) for name, layer in adapter_layers(model)
+        if any(n in layer.adapters for n in (adapter_names or layer.active)) and (reason := layer.merge_blocker()) is not None
+    ]
+    if blocked:
+        listing = "; ".join(f"{name}: {reason}" for name, reason in blocked[:4]) + (f"; ... ({len(blocked) - 4} more)" if len(blocked) > 4 else "")
+        raise RuntimeError(f"Cannot merge: {listing}")
     for name, layer in adapter_layers(model):
         if isinstance(layer, ModulesToSaveLayer):
             continue
