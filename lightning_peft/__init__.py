@@ -7,8 +7,11 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
 
 from .backbone import BackboneSplit, find_backbone
 from .callbacks import DiscriminativeLR, FreezeBackbone, GradualUnfreezing, MetricsJSON, ParameterSummary
+from .callbacks import FeatureCache, FeatureCacheStats
 from .data import TextClassificationDataModule, load_text_dataset
 from .discriminative import layer_lr_scales
+from .feature_cache import FeatureStore
+from .feature_point import FeaturePoint, find_feature_point
 from .freezing import LayerFreezer, freeze, unfreeze
 from .hub import load_backbone, load_tokenizer, resolve_pretrained
 from .layer_groups import LayerGroup, format_layer_groups, layer_groups
@@ -17,12 +20,18 @@ from .mixins import FinetuningConfig, FinetuningMixin
 from .models import TextClassifier, linear_warmup_decay, warmup_schedule
 from .param_groups import Placement, regroup_optimizer
 from .params import ParamCount, count_parameters
+from .probing import FeatureSet, extract_features, fit_classifier
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackboneSplit",
     "DiscriminativeLR",
+    "FeatureCache",
+    "FeatureCacheStats",
+    "FeaturePoint",
+    "FeatureSet",
+    "FeatureStore",
     "FinetuningConfig",
     "FinetuningMixin",
     "FreezeBackbone",
@@ -36,7 +45,10 @@ __all__ = [
     "TextClassificationDataModule",
     "TextClassifier",
     "count_parameters",
+    "extract_features",
     "find_backbone",
+    "find_feature_point",
+    "fit_classifier",
     "format_layer_groups",
     "freeze",
     "layer_groups",

@@ -1,9 +1,18 @@
 """Lightning callbacks: add them to any ``Trainer(callbacks=[...])`` without changing your module."""
 
 from .discriminative_lr import DiscriminativeLR
+from .feature_cache import FeatureCache, FeatureCacheStats
 from .freeze_backbone import FreezeBackbone
 from .gradual_unfreezing import GradualUnfreezing
 from .metrics_json import MetricsJSON
 from .parameter_summary import ParameterSummary
 
-__all__ = ["DiscriminativeLR", "FreezeBackbone", "GradualUnfreezing", "MetricsJSON", "ParameterSummary"]
+__all__ = [
+    "DiscriminativeLR",
+    "FeatureCache",
+    "FeatureCacheStats",
+    "FreezeBackbone",
+    "GradualUnfreezing",
+    "MetricsJSON",
+    "ParameterSummary",
+]
