@@ -7,9 +7,10 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
 
 from .backbone import BackboneSplit, find_backbone
 from .callbacks import DiscriminativeLR, FreezeBackbone, GradualUnfreezing, MetricsJSON, ParameterSummary
-from .callbacks import FeatureCache, FeatureCacheStats
+from .callbacks import Distillation, FeatureCache, FeatureCacheStats
 from .data import TextClassificationDataModule, load_text_dataset
 from .discriminative import layer_lr_scales
+from .distillation import distillation_loss, hidden_state_loss, load_teacher, soft_target_loss
 from .feature_cache import FeatureStore
 from .feature_point import FeaturePoint, find_feature_point
 from .freezing import LayerFreezer, freeze, unfreeze
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackboneSplit",
     "DiscriminativeLR",
+    "Distillation",
     "FeatureCache",
     "FeatureCacheStats",
     "FeaturePoint",
@@ -45,21 +47,25 @@ __all__ = [
     "TextClassificationDataModule",
     "TextClassifier",
     "count_parameters",
+    "distillation_loss",
     "extract_features",
     "find_backbone",
     "find_feature_point",
     "fit_classifier",
     "format_layer_groups",
     "freeze",
+    "hidden_state_loss",
     "layer_groups",
     "layer_lr_scales",
     "linear_warmup_decay",
     "load_backbone",
+    "load_teacher",
     "load_text_dataset",
     "load_tokenizer",
     "match_module_names",
     "regroup_optimizer",
     "resolve_pretrained",
+    "soft_target_loss",
     "unfreeze",
     "warmup_schedule",
 ]

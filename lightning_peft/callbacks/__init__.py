@@ -1,6 +1,7 @@
 """Lightning callbacks: add them to any ``Trainer(callbacks=[...])`` without changing your module."""
 
 from .discriminative_lr import DiscriminativeLR
+from .distillation import Distillation
 from .feature_cache import FeatureCache, FeatureCacheStats
 from .freeze_backbone import FreezeBackbone
 from .gradual_unfreezing import GradualUnfreezing
@@ -9,6 +10,7 @@ from .parameter_summary import ParameterSummary
 
 __all__ = [
     "DiscriminativeLR",
+    "Distillation",
     "FeatureCache",
     "FeatureCacheStats",
     "FreezeBackbone",
