@@ -7,7 +7,7 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
 
 from .backbone import BackboneSplit, find_backbone
 from .callbacks import DiscriminativeLR, FreezeBackbone, GradualUnfreezing, MetricsJSON, ParameterSummary
-from .callbacks import Distillation, FeatureCache, FeatureCacheStats
+from .callbacks import L2SP, Distillation, FeatureCache, FeatureCacheStats
 from .data import TextClassificationDataModule, load_text_dataset
 from .discriminative import layer_lr_scales
 from .distillation import distillation_loss, hidden_state_loss, load_teacher, soft_target_loss
@@ -22,6 +22,7 @@ from .models import TextClassifier, linear_warmup_decay, warmup_schedule
 from .param_groups import Placement, regroup_optimizer
 from .params import ParamCount, count_parameters
 from .probing import FeatureSet, extract_features, fit_classifier
+from .regularization import l2sp_penalty
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "FinetuningMixin",
     "FreezeBackbone",
     "GradualUnfreezing",
+    "L2SP",
     "LayerFreezer",
     "LayerGroup",
     "MetricsJSON",
@@ -55,6 +57,7 @@ __all__ = [
     "format_layer_groups",
     "freeze",
     "hidden_state_loss",
+    "l2sp_penalty",
     "layer_groups",
     "layer_lr_scales",
     "linear_warmup_decay",

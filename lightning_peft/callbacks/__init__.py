@@ -5,6 +5,7 @@ from .distillation import Distillation
 from .feature_cache import FeatureCache, FeatureCacheStats
 from .freeze_backbone import FreezeBackbone
 from .gradual_unfreezing import GradualUnfreezing
+from .l2sp import L2SP
 from .metrics_json import MetricsJSON
 from .parameter_summary import ParameterSummary
 
@@ -15,6 +16,7 @@ __all__ = [
     "FeatureCacheStats",
     "FreezeBackbone",
     "GradualUnfreezing",
+    "L2SP",
     "MetricsJSON",
     "ParameterSummary",
 ]
