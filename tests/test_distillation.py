@@ -18,6 +18,7 @@ from lightning_peft import (
     TextClassificationDataModule,
     TextClassifier,
     distillation_loss,
+    load_teacher,
     soft_target_loss,
 )
 
@@ -150,6 +151,10 @@ def test_callback_loss_is_the_formula_and_the_teacher_stays_frozen_and_out_of_th
     assert not any(t.shape == teacher_only.shape and torch.equal(t, teacher_only) for t in saved)
     assert not any(t.shape == teacher.bert.embeddings.word_embeddings.weight.shape for t in saved)  # width 48: teacher-only
 
+    reloaded = load_teacher(path)  # a TextClassifier checkpoint can teach the next student
+    assert isinstance(reloaded, TextClassifier)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in reloaded.state_dict().items())
+
 
 def _tensors(value):
     if isinstance(value, torch.Tensor):
@@ -262,3 +267,14 @@ def test_module_calling_a_submodule_needs_student_name():
     student, teacher = modules()
     fit(student, image_loader(), [Distillation(teacher, student="net", alpha=0.5)], steps=2)
     assert len(student.losses) == 2  # the module's own losses; the callback returned the distillation loss
+
+
+def test_hydra_distill_choice_trains(compose, tiny_bert_dir):
+    from conftest import tiny_overrides
+    from lightning_peft.training import train
+
+    hidden = "finetune.hidden=[[backbone.encoder.layer.1,bert.encoder.layer.1]]"
+    cfg = compose("finetune=distill", *tiny_overrides(tiny_bert_dir), hidden, "finetune.temperature=3")
+    with pytest.warns(UserWarning, match="randomly initialised.*HINT"):  # the default teacher has an untrained head
+        metrics = train(cfg)
+    assert metrics["distill/soft"] >= 0.0 and "distill/hidden" in metrics

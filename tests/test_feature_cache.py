@@ -350,3 +350,16 @@ def test_logistic_regression_on_cached_features_when_sklearn_is_installed():
     x = torch.randn(64, 5, generator=g) + 3.0 * y[:, None]
     _, metrics = fit_classifier(FeatureSet(x, y), FeatureSet(x, y))
     assert metrics["val/acc"] > 0.95
+
+
+def test_hydra_linear_probe_cached_trains_and_writes_the_cache(compose, tiny_bert_dir, tmp_path):
+    from conftest import tiny_overrides
+    from lightning_peft.training import train
+
+    cache_dir = tmp_path / "cache"
+    overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("trainer.max_steps")]
+    cfg = compose("finetune=linear_probe_cached", *overrides, "trainer.max_epochs=2", f"finetune.cache_dir={cache_dir}")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    (path,) = cache_dir.glob("*.pt")
+    assert FeatureStore.load(path, {})[1].startswith("stale")  # a real cache file, refusing a foreign key

@@ -133,3 +133,11 @@ def test_late_unfrozen_parameters_get_their_pretrained_values_as_reference():
 def test_negative_weights_are_rejected():
     with pytest.raises(ValueError, match="alpha and beta must be >= 0"):
         L2SP(alpha=-1.0)
+
+
+def test_hydra_l2sp_choice_trains(compose, tiny_bert_dir):
+    from conftest import tiny_overrides
+    from lightning_peft.training import train
+
+    metrics = train(compose("finetune=l2sp", *tiny_overrides(tiny_bert_dir), "finetune.alpha=0.5", "finetune.beta=0.01"))
+    assert metrics["l2sp/penalty"] > metrics["l2sp/sp"] > 0.0  # the head's L2 adds to the backbone's pull
