@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .hub import _load
 
-__all__ = ["distillation_loss", "soft_target_loss", "hidden_state_loss", "load_teacher"]
+__all__ = ["distillation_loss", "hidden_state_loss", "load_teacher", "soft_target_loss"]
 
 
 def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .io import atomic_write_bytes
 
-__all__ = ["FeatureStore", "sample_keys", "module_fingerprint", "KEY_BYTES", "FORMAT", "VERSION"]
+__all__ = ["FORMAT", "KEY_BYTES", "VERSION", "FeatureStore", "module_fingerprint", "sample_keys"]
 
 KEY_BYTES = 16
 FORMAT = "lightning_peft.feature_cache"
@@ -54,7 +54,7 @@ def sample_keys(args: Sequence[Any], kwargs: Mapping[str, Any], mask_key: str = 
     Inputs whose first dimension is the batch size ``B`` are per-example; anything else (flags,
     scalars) is hashed into every key. When ``kwargs[mask_key]`` is a ``(B, L)`` mask, inputs of
     shape ``(B, L, ...)`` contribute only their real positions, so the key does not depend on how
-    much padding the batch needed.
+    much padding the batch needed. Inputs are copied to the CPU to be hashed.
 
     Returns:
         ``B`` keys of :data:`KEY_BYTES` bytes.
@@ -179,10 +179,11 @@ class FeatureStore:
                 f"FeatureCache: features changed shape/dtype from {tuple(current.shape[1:])} {current.dtype} to "
                 f"{tuple(features.shape[1:])} {features.dtype} within one cache."
             )
-        new = [i for i, k in enumerate(keys) if k not in self._index]
-        new = [i for j, i in enumerate(new) if keys[i] not in {keys[n] for n in new[:j]}]  # duplicates in one batch
-        for i in new:
-            self._index[keys[i]] = len(self._index)
+        new: list[int] = []
+        for i, key in enumerate(keys):
+            if key not in self._index:  # also skips a duplicate example later in the same batch
+                self._index[key] = len(self._index)
+                new.append(i)
         if new:
             self._chunks.append(features.detach()[torch.tensor(new, device=features.device)])
         return len(new)
@@ -206,14 +207,14 @@ class FeatureStore:
         return atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path, meta: Mapping[str, Any]) -> tuple["FeatureStore | None", str | None]:
+    def load(cls, path: str | Path, meta: Mapping[str, Any]) -> tuple[FeatureStore | None, str | None]:
         """(store, None) when ``path`` is intact and was written for ``meta``; else (None, what is wrong)."""
         path = Path(path)
         if not path.exists():
             return None, "missing"
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated or garbled: zip/pickle errors of every kind
+        except Exception as err:  # noqa: BLE001 - truncated or garbled: zip/pickle errors of every kind
             return None, f"corrupt (unreadable: {type(err).__name__}: {str(err)[:120]})"
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("version") != VERSION:
             return None, "corrupt (not a lightning_peft feature cache of this version)"

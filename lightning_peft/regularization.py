@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["l2sp_penalty", "add_penalty_grad_"]
+__all__ = ["add_penalty_grad_", "l2sp_penalty"]
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from torch import nn
 from helpers import VisionClassifier, fit, image_loader
 from lightning_peft import (
     Distillation,
-    FreezeBackbone,
     TextClassificationDataModule,
     TextClassifier,
     distillation_loss,
@@ -64,13 +63,13 @@ def test_soft_term_gradient_is_t_times_the_softened_probability_gap():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(alpha=1.5), r"alpha must be in \[0, 1\]"),
-        (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(teacher_logits=torch.zeros(2, 4)), "differ in shape.*num_labels"),
+        ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"teacher_logits": torch.zeros(2, 4)}, "differ in shape.*num_labels"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, match):
-    args = dict(student_logits=torch.zeros(2, 3), teacher_logits=torch.zeros(2, 3), labels=torch.tensor([0, 1]))
+    args = {"student_logits": torch.zeros(2, 3), "teacher_logits": torch.zeros(2, 3), "labels": torch.tensor([0, 1])}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         distillation_loss(**args)
@@ -271,6 +270,7 @@ def test_module_calling_a_submodule_needs_student_name():
 
 def test_hydra_distill_choice_trains(compose, tiny_bert_dir):
     from conftest import tiny_overrides
+
     from lightning_peft.training import train
 
     hidden = "finetune.hidden=[[backbone.encoder.layer.1,bert.encoder.layer.1]]"

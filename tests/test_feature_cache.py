@@ -3,7 +3,6 @@ backbone once features are cached, and its disk cache is reused, invalidated and
 
 from __future__ import annotations
 
-import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -354,6 +353,7 @@ def test_logistic_regression_on_cached_features_when_sklearn_is_installed():
 
 def test_hydra_linear_probe_cached_trains_and_writes_the_cache(compose, tiny_bert_dir, tmp_path):
     from conftest import tiny_overrides
+
     from lightning_peft.training import train
 
     cache_dir = tmp_path / "cache"

@@ -137,6 +137,7 @@ def test_negative_weights_are_rejected():
 
 def test_hydra_l2sp_choice_trains(compose, tiny_bert_dir):
     from conftest import tiny_overrides
+
     from lightning_peft.training import train
 
     metrics = train(compose("finetune=l2sp", *tiny_overrides(tiny_bert_dir), "finetune.alpha=0.5", "finetune.beta=0.01"))

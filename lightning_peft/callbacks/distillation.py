@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..distillation import hidden_state_loss, load_teacher, output_width, soft_target_loss
+from ..distributed import all_reduce_grads_mean_
 from ..matching import match_module_names
 from ..param_groups import add_param_group
 
@@ -67,7 +68,8 @@ class Distillation(pl.Callback):
     ``attention_mask``); when widths differ a learned linear projection maps the student's to the
     teacher's width. The projections belong to the callback: their parameters join your first
     optimizer at ``on_fit_start`` (with the hyperparameters of its first group; schedulers are
-    extended) and are saved in, and restored from, the callback's checkpoint state.
+    extended), their gradients are averaged across DDP ranks by the callback, and they are saved in,
+    and restored from, the callback's checkpoint state.
 
     Args:
         teacher: an ``nn.Module``, or a ``transformers`` folder / hub id / ``TextClassifier`` ``.ckpt`` (see :func:`~lightning_peft.load_teacher`).
@@ -166,6 +168,11 @@ class Distillation(pl.Callback):
                 raise ValueError("Distillation: hidden-state projections need an optimizer to train in; configure_optimizers returned none.")
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
             add_param_group(trainer.optimizers[0], params, schedulers, name="distillation_projection")
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The projections live outside the DDP-wrapped module, so DDP does not average their gradients.
+        if trainer.world_size > 1 and len(self.projections):
+            all_reduce_grads_mean_(list(self.projections.parameters()))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.teacher is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,8 @@ class FeatureCache(pl.Callback):
         self.stats = FeatureCacheStats()
         self.store, self._from_disk, self.path = FeatureStore(), False, None
         if self.cache_dir is not None and trainer.world_size == 1:
-            self.path = self.cache_dir / f"{type(owner).__name__}-{fingerprint[:24]}.pt"
+            name = hashlib.sha256(fingerprint.encode()).hexdigest()[:24] if self.model_id else fingerprint[:24]
+            self.path = self.cache_dir / f"{type(owner).__name__}-{name}.pt"
             store, problem = FeatureStore.load(self.path, self._meta)
             if store is not None:
                 self.store, self._from_disk = store, True
@@ -157,7 +159,7 @@ class FeatureCache(pl.Callback):
                 "FeatureCache: disk caching is off with several processes (each rank caches the examples it sees, in "
                 "memory). HINT: run once on one device to build the cache file, or set cache_dir=None."
             )
-        self._install(owner, head, pl_module.device)
+        self._install(owner, head)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         for module in self.point.feature_modules(pl_module):  # Lightning calls model.train() every epoch
@@ -192,7 +194,7 @@ class FeatureCache(pl.Callback):
 
     # --- the cached forward ----------------------------------------------------------------------
 
-    def _install(self, owner: torch.nn.Module, head: torch.nn.Module, device: torch.device) -> None:
+    def _install(self, owner: torch.nn.Module, head: torch.nn.Module) -> None:
         self._uninstall()
         self._owner = owner
         self._had_forward = "forward" in owner.__dict__
