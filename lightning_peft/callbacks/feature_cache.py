@@ -15,6 +15,8 @@ from torch import Tensor
 from ..feature_cache import FeatureStore, module_fingerprint, sample_keys
 from ..feature_point import FeaturePoint, find_feature_point
 from ..matching import format_names
+from .freeze_backbone import FreezeBackbone
+from .gradual_unfreezing import GradualUnfreezing
 
 __all__ = ["FeatureCache", "FeatureCacheStats"]
 
@@ -110,9 +112,6 @@ class FeatureCache(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from .freeze_backbone import FreezeBackbone
-        from .gradual_unfreezing import GradualUnfreezing
-
         for callback in trainer.callbacks:
             if isinstance(callback, GradualUnfreezing) or (isinstance(callback, FreezeBackbone) and callback.train_top > 0):
                 raise ValueError(
