@@ -6,9 +6,15 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
 """
 
 from .backbone import BackboneSplit, find_backbone
-from .callbacks import PEFT, DiscriminativeLR, FreezeBackbone, GradualUnfreezing, MetricsJSON, ParameterSummary
+from .callbacks import (
+    L2SP, PEFT, DiscriminativeLR, Distillation, FeatureCache, FeatureCacheStats, FreezeBackbone, GradualUnfreezing,
+    MetricsJSON, ParameterSummary,
+)
 from .data import TextClassificationDataModule, load_text_dataset
 from .discriminative import layer_lr_scales
+from .distillation import distillation_loss, hidden_state_loss, load_teacher, soft_target_loss
+from .feature_cache import FeatureStore
+from .feature_point import FeaturePoint, find_feature_point
 from .freezing import LayerFreezer, freeze, unfreeze
 from .hub import load_backbone, load_tokenizer, resolve_pretrained
 from .layer_groups import LayerGroup, format_layer_groups, layer_groups
@@ -23,6 +29,8 @@ from .peft import (
     dequantize_model, disable_adapters, export_peft, import_peft, inject, list_adapters, load_adapter, merge,
     merge_and_dequantize, merge_and_unload, save_adapter, set_adapter, unmerge,
 )
+from .probing import FeatureSet, extract_features, fit_classifier
+from .regularization import l2sp_penalty
 
 __version__ = "0.1.0"
 
@@ -41,17 +49,30 @@ __all__ = [
     "dequantize_model",
     "disable_adapters",
     "DiscriminativeLR",
+    "Distillation",
+    "distillation_loss",
     "export_peft",
+    "extract_features",
+    "FeatureCache",
+    "FeatureCacheStats",
+    "FeaturePoint",
+    "FeatureSet",
+    "FeatureStore",
     "find_backbone",
+    "find_feature_point",
     "FinetuningConfig",
     "FinetuningMixin",
+    "fit_classifier",
     "format_layer_groups",
     "freeze",
     "FreezeBackbone",
     "GradualUnfreezing",
+    "hidden_state_loss",
     "IA3Config",
     "import_peft",
     "inject",
+    "L2SP",
+    "l2sp_penalty",
     "layer_groups",
     "layer_lr_scales",
     "LayerFreezer",
@@ -60,6 +81,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "load_backbone",
+    "load_teacher",
     "load_text_dataset",
     "load_tokenizer",
     "LoRAConfig",
@@ -82,6 +104,7 @@ __all__ = [
     "resolve_pretrained",
     "save_adapter",
     "set_adapter",
+    "soft_target_loss",
     "TextClassificationDataModule",
     "TextClassifier",
     "unfreeze",
