@@ -12,7 +12,7 @@ from lightning_peft import (
 )
 from lightning_peft.peft import AdapterLayer
 from lightning_peft.peft.targeting import all_linear_modules, head_modules
-from tiny_models import MODELS, bert, gpt2, llama, output, randomize, resnet, token_batch, vit
+from tiny_models import bert, gpt2, llama, output, randomize, resnet, token_batch, vit
 
 
 def wrapped(model: nn.Module, method: str | None = None) -> list[str]:

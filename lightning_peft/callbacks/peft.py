@@ -28,6 +28,7 @@ from ..peft.config import MethodConfig
 from ..peft.io import adapter_metadata, export_peft, save_adapter
 from ..peft.layer import adapter_layers
 from ..peft.model import inject, list_adapters, set_adapter
+from ..peft.quantization import base_weight_memory
 from ..peft.registry import config_from_dict
 
 __all__ = ["PEFT"]
