@@ -90,7 +90,7 @@ def test_each_strategy_trains_the_text_classifier(compose, tmp_path, tiny_bert_d
     assert any(k.startswith("embeddings.") for k in changed) == (strategy == "discriminative")
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "ia3", "bitfit"])
 def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_bert_dir, method):
     overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
     cfg = compose(f"peft={method}", *overrides, "callbacks.model_checkpoint.monitor=null")
@@ -101,7 +101,7 @@ def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_b
     assert not any(k.startswith("backbone.embeddings.word_embeddings") for k in state)  # adapter-only checkpoint
     saved = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
     assert saved["config"]["method"] == method
-    assert (tmp_path / "adapter" / "peft" / "adapter_config.json").exists() == (method == "lora")
+    assert (tmp_path / "adapter" / "peft" / "adapter_config.json").exists() == (method in ("lora", "qlora"))
     trained = TextClassifier(tiny_bert_dir, num_classes=5)
     load_adapter(trained, ckpt)
     assert list_adapters(trained) == ["default"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .layer import AdapterLayer
-from .quantization import is_quantized
+from .quantization import is_quantized, keep_layout
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
 
@@ -180,6 +180,8 @@ class LoRALayer(AdapterLayer):
     def make_adapter(cls, base: nn.Module, spec: dict[str, Any]) -> LoRA:
         if lora_kind(base) != spec["kind"]:
             raise ValueError(f"a LoRA adapter of kind {spec['kind']!r} does not fit a {type(base).__name__}")
+        if is_quantized(base):
+            keep_layout(base)  # wrapped: its storage must stay as quantized (saving, merging)
         return LoRA(base, spec)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
