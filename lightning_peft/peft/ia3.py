@@ -17,7 +17,7 @@ from torch import nn
 from ..matching import name_matches
 from .config import MethodConfig
 from .layer import AdapterLayer
-from .quantization import is_quantized, keep_layout
+from .quantization import is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, is_linear, resolve_targets
 
@@ -113,13 +113,7 @@ class IA3Layer(AdapterLayer):
         return y
 
     def merge_blocker(self) -> str | None:
-        if is_quantized(self.base_layer):
-            return (
-                f"its base is a quantized {type(self.base_layer).__name__}: merged weights would be re-rounded to the "
-                "quantization grid and lose much of the update. Use merge_and_dequantize(model) (bf16 result; "
-                "requantize=QuantSpec(...) to quantize again and see the cost), or keep the adapters unmerged"
-            )
-        return None
+        return quantized_merge_blocker(self.base_layer)
 
     def _factors(self, name: str) -> tuple[torch.Tensor, bool]:
         """The vector and whether it scales rows of the stored weight (output dim) -- Conv1D stores (in, out)."""

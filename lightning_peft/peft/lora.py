@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .layer import AdapterLayer
-from .quantization import is_quantized, keep_layout
+from .quantization import is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
 
@@ -226,13 +226,7 @@ class LoRALayer(AdapterLayer):
         return dispatch.lora_linear_triton(x, base.weight, bias, a, b, adapter.scale, dropout_p=p)
 
     def merge_blocker(self) -> str | None:
-        if is_quantized(self.base_layer):
-            return (
-                f"its base is a quantized {type(self.base_layer).__name__}: merged weights would be re-rounded to the "
-                "quantization grid and lose much of the update. Use merge_and_dequantize(model) (bf16 result; "
-                "requantize=QuantSpec(...) to quantize again and see the cost), or keep the adapters unmerged"
-            )
-        return None
+        return quantized_merge_blocker(self.base_layer)
 
     def _merge(self, name: str) -> None:
         adapter = self.adapters[name]

@@ -36,7 +36,7 @@ from .layer import AdapterLayer
 from .surgery import replace_module
 
 __all__ = [
-    "QuantSpec", "QuantMemory", "MergeReport", "require_bitsandbytes", "is_quantized", "quantize_linear",
+    "QuantSpec", "QuantMemory", "MergeReport", "require_bitsandbytes", "is_quantized", "quantized_merge_blocker", "quantize_linear",
     "dequantized_weight", "keep_layout", "quantize_modules", "dequantize_model", "base_weight_memory", "merge_and_dequantize",
 ]
 
@@ -59,6 +59,17 @@ def is_quantized(module: nn.Module) -> bool:
     """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer (never imports bitsandbytes)."""
     bnb_nn = sys.modules.get("bitsandbytes.nn")
     return bnb_nn is not None and isinstance(module, (bnb_nn.Linear4bit, bnb_nn.Linear8bitLt))
+
+
+def quantized_merge_blocker(base: nn.Module) -> str | None:
+    """Why adapters cannot be merged into ``base`` when it is quantized (``None`` otherwise)."""
+    if not is_quantized(base):
+        return None
+    return (
+        f"its base is a quantized {type(base).__name__}: merged weights would be re-rounded to the quantization grid "
+        "and lose much of the update. Use merge_and_dequantize(model) (bf16 result; requantize=QuantSpec(...) to "
+        "quantize again and see the cost), or keep the adapters unmerged"
+    )
 
 
 @dataclass(frozen=True)
