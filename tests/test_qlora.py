@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft import (
-    PEFT, LoRAConfig, QLoRAConfig, QuantSpec, base_weight_memory, disable_adapters, export_peft, inject, load_adapter,
+    PEFT, LoRAConfig, QLoRAConfig, QuantSpec, base_weight_memory, count_parameters, disable_adapters, export_peft, inject, load_adapter,
     merge, merge_and_dequantize, save_adapter,
 )
 from lightning_peft.peft.quantization import dequantized_weight, is_quantized, keep_layout, quantize_linear
@@ -102,6 +102,7 @@ def test_qlora_quantizes_the_backbone_and_starts_as_the_quantized_base():
             base = output(model, x)
     assert torch.equal(with_adapters, base)
     assert base_weight_memory(model).bits == (4,)
+    assert count_parameters(model).total == count_parameters(llama()).total + count_parameters(model).trainable  # logical sizes
 
 
 class Classifier(pl.LightningModule):
