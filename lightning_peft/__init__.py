@@ -7,12 +7,25 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
 
 from .backbone import BackboneSplit, find_backbone
 from .callbacks import (
-    L2SP, PEFT, DiscriminativeLR, Distillation, FeatureCache, FeatureCacheStats, FreezeBackbone, GradualUnfreezing,
-    MetricsJSON, ParameterSummary,
+    L2SP,
+    PEFT,
+    DiscriminativeLR,
+    Distillation,
+    FeatureCache,
+    FeatureCacheStats,
+    FreezeBackbone,
+    GradualUnfreezing,
+    MetricsJSON,
+    ParameterSummary,
 )
 from .data import TextClassificationDataModule, load_text_dataset
 from .discriminative import layer_lr_scales
-from .distillation import distillation_loss, hidden_state_loss, load_teacher, soft_target_loss
+from .distillation import (
+    distillation_loss,
+    hidden_state_loss,
+    load_teacher,
+    soft_target_loss,
+)
 from .feature_cache import FeatureStore
 from .feature_point import FeaturePoint, find_feature_point
 from .freezing import LayerFreezer, freeze, unfreeze
@@ -24,13 +37,39 @@ from .models import TextClassifier, linear_warmup_decay, warmup_schedule
 from .param_groups import Placement, regroup_optimizer
 from .params import ParamCount, count_parameters
 from .peft import (
-    ALL_LINEAR, AdapterLayer, BitFitConfig, IA3Config, LoRAConfig, MergeReport, MethodConfig, QLoRAConfig, QuantMemory,
-    QuantSpec, active_adapters, adapter_batch, adapter_config, adapter_state_dict, base_weight_memory, delete_adapter,
-    dequantize_model, disable_adapters, export_peft, import_peft, inject, list_adapters, load_adapter, merge,
-    merge_and_dequantize, merge_and_unload, save_adapter, set_adapter, unmerge,
+    ALL_LINEAR,
+    AdapterLayer,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    MergeReport,
+    MethodConfig,
+    QLoRAConfig,
+    QuantMemory,
+    QuantSpec,
+    active_adapters,
+    adapter_batch,
+    adapter_config,
+    adapter_state_dict,
+    base_weight_memory,
+    delete_adapter,
+    dequantize_model,
+    disable_adapters,
+    export_peft,
+    import_peft,
+    inject,
+    list_adapters,
+    load_adapter,
+    merge,
+    merge_and_dequantize,
+    merge_and_unload,
+    save_adapter,
+    set_adapter,
+    unmerge,
 )
 from .probing import FeatureSet, extract_features, fit_classifier
 from .regularization import l2sp_penalty
+from .sharding import FSDPBlockPolicy, gathered_parameters
 
 __version__ = "0.1.0"
 
@@ -66,6 +105,8 @@ __all__ = [
     "format_layer_groups",
     "freeze",
     "FreezeBackbone",
+    "FSDPBlockPolicy",
+    "gathered_parameters",
     "GradualUnfreezing",
     "hidden_state_loss",
     "IA3Config",

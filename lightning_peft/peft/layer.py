@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["AdapterLayer", "Route", "validate_adapter_name", "adapter_layers"]
+__all__ = ["AdapterDict", "AdapterLayer", "Route", "validate_adapter_name", "adapter_layers"]
 
 Route = tuple[tuple[str, ...], "torch.Tensor | None"]  # (adapter names, sample indices or None = whole batch)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -34,6 +34,11 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
+class AdapterDict(nn.ModuleDict):
+    """The named adapters of one wrapper: its own type, so sharding policies can give adapters (trainable)
+    their own FSDP units instead of flat parameters shared with frozen base weights."""
+
+
 class AdapterLayer(nn.Module):
     """Base of the wrappers: ``base_layer`` (frozen) + ``adapters`` (``ModuleDict`` name -> adapter module).
 
@@ -46,7 +51,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
+        self.adapters = AdapterDict()
         self.configs: dict[str, Any] = {}  # adapter name -> its method config (shared by every layer of the adapter)
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()

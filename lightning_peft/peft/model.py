@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..matching import format_names
+from ..matching import clean_name, format_names
 from ..params import count_parameters
 from .config import MethodConfig
 from .layer import AdapterLayer, adapter_layers, validate_adapter_name
@@ -253,7 +253,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def adapter_sites(model: nn.Module, adapter_name: str) -> list[Site]:
     """Where ``adapter_name`` sits: one site per wrapped module, with the spec that rebuilds it."""
     return [
-        Site(name, layer.method, dict(getattr(layer.adapters[adapter_name], "spec", {})))
+        Site(clean_name(name), layer.method, dict(getattr(layer.adapters[adapter_name], "spec", {})))
         for name, layer in adapter_layers(model) if adapter_name in layer.adapters
     ]
 
@@ -269,14 +269,14 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             for key, value in layer.adapters[adapter_name].state_dict().items():
-                out[f"{name}.{key}"] = value
+                out[clean_name(f"{name}.{key}")] = value
     return out
 
 
 def adapter_parameters(model: nn.Module, adapter_names: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
     """Qualified name -> parameter of the adapters (default: all of them), as ``model.named_parameters`` names it."""
     wanted = {id(p) for _, layer in adapter_layers(model) for n, a in layer.adapters.items() if adapter_names is None or n in adapter_names for p in a.parameters()}
-    return {n: p for n, p in model.named_parameters() if id(p) in wanted}
+    return {clean_name(n): p for n, p in model.named_parameters() if id(p) in wanted}
 
 
 # --- gradient checkpointing: the `enable_input_require_grads` trap ----------------------------------
