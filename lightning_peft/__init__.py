@@ -6,9 +6,28 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
 """
 
 from .backbone import BackboneSplit, find_backbone
-from .callbacks import PEFT, DiscriminativeLR, FreezeBackbone, GradualUnfreezing, MetricsJSON, ParameterSummary
+from .callbacks import (
+    L2SP,
+    PEFT,
+    DiscriminativeLR,
+    Distillation,
+    FeatureCache,
+    FeatureCacheStats,
+    FreezeBackbone,
+    GradualUnfreezing,
+    MetricsJSON,
+    ParameterSummary,
+)
 from .data import TextClassificationDataModule, load_text_dataset
 from .discriminative import layer_lr_scales
+from .distillation import (
+    distillation_loss,
+    hidden_state_loss,
+    load_teacher,
+    soft_target_loss,
+)
+from .feature_cache import FeatureStore
+from .feature_point import FeaturePoint, find_feature_point
 from .freezing import LayerFreezer, freeze, unfreeze
 from .hub import load_backbone, load_tokenizer, resolve_pretrained
 from .layer_groups import LayerGroup, format_layer_groups, layer_groups
@@ -18,11 +37,40 @@ from .models import TextClassifier, linear_warmup_decay, warmup_schedule
 from .param_groups import Placement, regroup_optimizer
 from .params import ParamCount, count_parameters
 from .peft import (
-    ALL_LINEAR, AdapterLayer, BitFitConfig, IA3Config, LoRAConfig, MethodConfig, active_adapters, adapter_batch,
-    adapter_config, adapter_state_dict, delete_adapter, disable_adapters, export_peft, import_peft, inject,
-    list_adapters, load_adapter, merge, merge_and_unload, save_adapter, set_adapter, unmerge,
+    ALL_LINEAR,
+    AdapterLayer,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    MergeReport,
+    MethodConfig,
+    QLoRAConfig,
+    QuantMemory,
+    QuantSpec,
+    active_adapters,
+    adapter_batch,
+    adapter_config,
+    adapter_state_dict,
+    base_weight_memory,
+    delete_adapter,
+    dequantize_model,
+    disable_adapters,
+    export_peft,
+    import_peft,
+    inject,
+    list_adapters,
+    load_adapter,
+    merge,
+    merge_and_dequantize,
+    merge_and_unload,
+    save_adapter,
+    set_adapter,
+    unmerge,
 )
 from .peft import AdapterConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
+from .probing import FeatureSet, extract_features, fit_classifier
+from .regularization import l2sp_penalty
+from .sharding import FSDPBlockPolicy, gathered_parameters
 
 __version__ = "0.1.0"
 
@@ -39,22 +87,39 @@ __all__ = [
     "AdapterLayer",
     "ALL_LINEAR",
     "BackboneSplit",
+    "base_weight_memory",
     "BitFitConfig",
     "count_parameters",
     "delete_adapter",
+    "dequantize_model",
     "disable_adapters",
     "DiscriminativeLR",
+    "Distillation",
+    "distillation_loss",
     "export_peft",
+    "extract_features",
+    "FeatureCache",
+    "FeatureCacheStats",
+    "FeaturePoint",
+    "FeatureSet",
+    "FeatureStore",
     "find_backbone",
+    "find_feature_point",
     "FinetuningConfig",
     "FinetuningMixin",
+    "fit_classifier",
     "format_layer_groups",
     "freeze",
     "FreezeBackbone",
+    "FSDPBlockPolicy",
+    "gathered_parameters",
     "GradualUnfreezing",
+    "hidden_state_loss",
     "IA3Config",
     "import_peft",
     "inject",
+    "L2SP",
+    "l2sp_penalty",
     "layer_groups",
     "layer_lr_scales",
     "LayerFreezer",
@@ -63,12 +128,15 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "load_backbone",
+    "load_teacher",
     "load_text_dataset",
     "load_tokenizer",
     "LoRAConfig",
     "match_module_names",
     "merge",
+    "merge_and_dequantize",
     "merge_and_unload",
+    "MergeReport",
     "MethodConfig",
     "MetricsJSON",
     "ParamCount",
@@ -76,10 +144,14 @@ __all__ = [
     "PEFT",
     "PEFTMixin",
     "Placement",
+    "QLoRAConfig",
+    "QuantMemory",
+    "QuantSpec",
     "regroup_optimizer",
     "resolve_pretrained",
     "save_adapter",
     "set_adapter",
+    "soft_target_loss",
     "TextClassificationDataModule",
     "TextClassifier",
     "unfreeze",

@@ -12,7 +12,9 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-__all__ = ["name_matches", "match_module_names", "format_names"]
+__all__ = ["name_matches", "match_module_names", "format_names", "clean_name"]
+
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 REGEX_PREFIX = "re:"
 
@@ -54,3 +56,8 @@ def match_module_names(root: nn.Module, patterns: str | Sequence[str], *, what: 
         selected.extend(h for h in hits if h not in selected)
     order = {n: i for i, n in enumerate(names)}
     return sorted(selected, key=order.__getitem__)
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name without the segments FSDP, activation checkpointing and ``torch.compile`` insert."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)

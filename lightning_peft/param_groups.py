@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Placement", "split_param_group", "regroup_optimizer", "LAYER_GROUP_KEY"]
+__all__ = ["Placement", "split_param_group", "regroup_optimizer", "add_param_group", "LAYER_GROUP_KEY"]
 
 LAYER_GROUP_KEY = "layer_group"  # written into each edited param group
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -140,3 +140,28 @@ def regroup_optimizer(
         for inner in _schedulers_of(scheduler):
             if getattr(inner, "optimizer", optimizer) is optimizer:
                 _extend_scheduler(inner, parents, scales, old_count)
+
+
+def add_param_group(
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[nn.Parameter],
+    schedulers: Sequence[Any] = (),
+    like: int = 0,
+    name: str | None = None,
+) -> None:
+    """Append a param group of ``params`` with the hyperparameters of group ``like``, and extend ``schedulers``.
+
+    For parameters a callback owns (e.g. a distillation projection): call it at ``on_fit_start``, so
+    that on resume the restored optimizer state meets the same group structure it was saved with.
+    """
+    old_count = len(optimizer.param_groups)
+    group = {k: v for k, v in optimizer.param_groups[like].items() if k != "params"}
+    if name is not None:
+        group["name"] = name
+    group["params"] = list(params)
+    optimizer.add_param_group(group)
+    parents = list(range(old_count)) + [like]
+    for scheduler in schedulers:
+        for inner in _schedulers_of(scheduler):
+            if getattr(inner, "optimizer", optimizer) is optimizer:
+                _extend_scheduler(inner, parents, [1.0] * len(parents), old_count)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["ParamCount", "count_parameters", "parameter_rows"]
+__all__ = ["ParamCount", "count_parameters", "parameter_numel", "parameter_rows"]
 
 
 @dataclass(frozen=True)
@@ -21,17 +21,24 @@ class ParamCount:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
 
+def parameter_numel(param: nn.Parameter) -> int:
+    """Logical number of weights: a packed 4-bit bitsandbytes tensor (two weights per byte) counts what it holds."""
+    state = getattr(param, "quant_state", None)
+    return int(state.shape.numel()) if state is not None and hasattr(state.shape, "numel") else param.numel()
+
+
 def count_parameters(module: nn.Module) -> ParamCount:
-    """Count the parameters of ``module``, each tensor once even when tied."""
+    """Count the parameters of ``module``, each tensor once even when tied (quantized ones by their logical size)."""
     seen: set[int] = set()
     trainable = total = 0
     for p in module.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        n = parameter_numel(p)
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return ParamCount(trainable, total)
 
 

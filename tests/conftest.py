@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# The Triton kernel tests run the real kernels on CPU through Triton's interpreter. triton reads
+# TRITON_INTERPRET when a kernel is decorated, i.e. when lightning_peft.kernels.lora/bottleneck are
+# first imported, so it is set here before any test module imports them (importing torch does not
+# import triton). On a CUDA machine the kernels run natively.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+# On a GPU, launch each kernel with its first autotune config instead of timing every config for
+# every test shape (the benchmark script autotunes).
+os.environ.setdefault("LIGHTNING_PEFT_AUTOTUNE", "0")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

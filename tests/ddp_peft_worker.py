@@ -3,7 +3,8 @@
 ``python tests/ddp_peft_worker.py OUT_DIR``; Lightning relaunches this script as rank 1. Both ranks
 (1) fit 6 steps with an adapter-only ModelCheckpoint every step, (2) resume a fresh module from the
 step-3 checkpoint (an epoch boundary: Lightning restarts a plain dataloader's epoch on resume) to step 6, and write ``OUT_DIR/<phase>-rank<r>.pt``: the trainable tensors after
-the fit, the losses, the names that trained when DDP wrapped the model, and the first batch seen.
+the fit, the losses, the names that trained when DDP wrapped the model, and the first batch seen;
+then (3, 4) fit again with the encoder's gradient checkpointing on, re-entrant and not (peft #899).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def run(phase: str, out: Path, ckpt_path: Path | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(0, 50, (24, 8), generator=g), torch.randint(0, 3, (24,), generator=g))  # 3 batches per rank and epoch
     module = UserModule()
+    if phase.startswith("checkpointing"):  # peft #899: modules_to_save + gradient checkpointing + DDP
+        module.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": phase.endswith("reentrant")})
     callbacks = [PEFT(LoRAConfig(r=4, target_modules=["query", "value"]), adapter_only_checkpoint=True, verbose=False)]
     if phase == "full":
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"))
@@ -77,3 +80,5 @@ if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     run("full", out_dir)
     run("resumed", out_dir, out_dir / "ckpt" / "step=3.ckpt")
+    run("checkpointing-reentrant", out_dir)
+    run("checkpointing-nonreentrant", out_dir)

@@ -1,4 +1,4 @@
-"""A real 2-process CPU DDP fit with GradualUnfreezing, run by tests/test_ddp.py as a script.
+"""A real 2-process CPU DDP fit with GradualUnfreezing and DiscriminativeLR, run by tests/test_ddp.py as a script.
 
 ``python tests/ddp_worker.py OUT_DIR MODE [MODE ...]`` with MODE ``sync`` (the callback as shipped) or
 ``nosync`` (its gradient averaging switched off: the control). Lightning relaunches this script as
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel
 
-from lightning_peft import GradualUnfreezing
+from lightning_peft import DiscriminativeLR, GradualUnfreezing
 
 EPOCHS = 3  # groups unfreeze at epochs 1 and 2, after DDP wrapped the model at fit start
 
@@ -84,14 +84,16 @@ def run(mode: str, out: Path) -> None:
     probe = Probe()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"), max_epochs=EPOCHS,
-        callbacks=[unfreezing(every_n_epochs=1, verbose=False), probe], logger=False, enable_checkpointing=False,
+        callbacks=[unfreezing(every_n_epochs=1, verbose=False), DiscriminativeLR(decay=0.5, verbose=False), probe],
+        logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module, loader)
     final = {k: v.detach().clone() for k, v in module.state_dict().items()}
     torch.save(
         {"initial": initial, "final": final, "at_wrap": probe.at_wrap, "per_epoch": probe.per_epoch,
-         "first_batch": probe.first_batch, "world_size": trainer.world_size},
+         "first_batch": probe.first_batch, "world_size": trainer.world_size,
+         "lrs": {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}},
         out / f"{mode}-rank{trainer.global_rank}.pt",
     )
 

@@ -1,4 +1,4 @@
-"""GradualUnfreezing under a real 2-process CPU DDP fit (gloo): ranks stay bit-identical (lightning #20340).
+"""GradualUnfreezing + DiscriminativeLR under a real 2-process CPU DDP fit (gloo): ranks stay bit-identical (lightning #20340).
 
 DDP only averages the gradients of parameters that required grad when it wrapped the model; groups
 that GradualUnfreezing unfreezes later would train on each rank's own data and drift apart. The
@@ -97,3 +97,15 @@ def test_control_without_the_callbacks_gradient_averaging_ranks_diverge(runs):
     for prefix in LATE_GROUPS:
         assert any(n.startswith(prefix) for n in diverged), f"{prefix} did not diverge without the callback's averaging"
     assert torch.equal(rank0["final"]["head.weight"], rank1["final"]["head.weight"])  # DDP reduced the head
+
+
+def test_discriminative_rates_are_the_same_on_every_rank_and_decay_by_depth(runs):
+    rank0, rank1 = runs["sync"]
+    assert rank0["lrs"] == rank1["lrs"] and len(rank0["lrs"]) >= 4
+    by_group = {}
+    for name, lr in rank0["lrs"].items():
+        by_group.setdefault(name.split("/")[0], set()).add(lr)
+    head, = by_group["head"]
+    top, = by_group["bert.encoder.layer.1"]
+    below, = by_group["bert.encoder.layer.0"]
+    assert top == pytest.approx(head * 0.5) and below == pytest.approx(head * 0.25)

@@ -23,7 +23,8 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, cwd=WORKER.parents[1], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"DDP worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return out, {phase: [torch.load(out / f"{phase}-rank{r}.pt") for r in range(2)] for phase in ("full", "resumed")}
+    phases = ("full", "resumed", "checkpointing-reentrant", "checkpointing-nonreentrant")
+    return out, {phase: [torch.load(out / f"{phase}-rank{r}.pt") for r in range(2)] for phase in phases}
 
 
 def test_only_adapters_train_and_ranks_see_different_data(runs):
@@ -34,7 +35,7 @@ def test_only_adapters_train_and_ranks_see_different_data(runs):
     assert not torch.equal(result["full"][0]["first_batch"], result["full"][1]["first_batch"])
 
 
-@pytest.mark.parametrize("phase", ["full", "resumed"])
+@pytest.mark.parametrize("phase", ["full", "resumed", "checkpointing-reentrant", "checkpointing-nonreentrant"])
 def test_ranks_end_with_identical_adapters(runs, phase):
     _, result = runs
     rank0, rank1 = result[phase]
@@ -55,3 +56,14 @@ def test_adapter_only_checkpoint_is_written_once_and_resumes_exactly(runs):
         assert [resumed["losses"][s] for s in (3, 4, 5)] == pytest.approx([full["losses"][s] for s in (3, 4, 5)], rel=1e-6, abs=1e-7)
         for name, value in full["trainable"].items():
             torch.testing.assert_close(resumed["trainable"][name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "nonreentrant"])
+def test_gradient_checkpointing_with_a_saved_head_under_ddp_trains_like_without(runs, mode):
+    """peft #899 (modules_to_save + gradient checkpointing + DDP breaks): here it trains, to the same weights."""
+    _, result = runs
+    plain, checkpointed = result["full"][0], result[f"checkpointing-{mode}"][0]
+    assert checkpointed["losses"] == pytest.approx(plain["losses"], rel=1e-5, abs=1e-6)
+    for name, value in plain["trainable"].items():
+        torch.testing.assert_close(checkpointed["trainable"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(".head.adapters.default." in f".{n}" for n in checkpointed["trainable"])

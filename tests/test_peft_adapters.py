@@ -12,7 +12,7 @@ from lightning_peft import (
 )
 from lightning_peft.peft import AdapterLayer
 from lightning_peft.peft.targeting import all_linear_modules, head_modules
-from tiny_models import MODELS, bert, gpt2, llama, output, randomize, resnet, token_batch, vit
+from tiny_models import bert, gpt2, llama, output, randomize, resnet, token_batch, vit
 
 
 def wrapped(model: nn.Module, method: str | None = None) -> list[str]:
@@ -260,3 +260,26 @@ def test_merged_model_has_base_layer_speed_path():
     with torch.no_grad():
         output(model, x)
     assert calls
+
+
+@pytest.mark.parametrize("make", [lambda: IA3Config(init_ones=False), lambda: BitFitConfig()], ids=["ia3", "bitfit"])
+def test_mixed_batch_for_scaling_and_bias_methods(make):
+    model = bert()
+    x = token_batch(4)
+    with torch.no_grad():
+        base = output(model, x)
+    inject(model, make(), "a")
+    randomize(model, seed=1)
+    inject(model, make(), "b")
+    randomize(model, seed=2)
+    with torch.no_grad():
+        per_adapter = {None: base}
+        for name in ("a", "b"):
+            set_adapter(model, name)
+            per_adapter[name] = output(model, x)
+        route = ["a", None, "b", "a"]
+        with adapter_batch(model, route):
+            mixed = output(model, x)
+    assert not torch.allclose(per_adapter["a"], per_adapter["b"])
+    expected = torch.stack([per_adapter[name][i] for i, name in enumerate(route)])
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)

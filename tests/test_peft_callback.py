@@ -3,6 +3,8 @@ the gradient-checkpointing trap, and composition with the layer-group callbacks.
 
 from __future__ import annotations
 
+import importlib.util
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel
 
 from lightning_peft import (
-    PEFT, BitFitConfig, DiscriminativeLR, GradualUnfreezing, IA3Config, LoRAConfig, PEFTMixin, inject, list_adapters,
+    PEFT, BitFitConfig, DiscriminativeLR, GradualUnfreezing, IA3Config, LoRAConfig, PEFTMixin, QLoRAConfig, inject, list_adapters,
     load_adapter,
 )
 from lightning_peft.peft import AdapterLayer
@@ -277,3 +279,23 @@ def test_gradual_unfreezing_of_lora_adapters_and_discriminative_rates():
     assert rates["bert.encoder.layer.0"] == pytest.approx(rates["head"] * 0.25)
     in_optimizer = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for n, p in model.named_parameters() if ".adapters." in n}  # no frozen base weight adopted
+
+
+NO_BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="QLoRA needs bitsandbytes")
+
+
+@pytest.mark.parametrize("config", [LoRAConfig(r=4), pytest.param(QLoRAConfig(r=4), marks=NO_BNB), IA3Config(), BitFitConfig()],
+                         ids=["lora", "qlora", "ia3", "bitfit"])
+def test_bf16_mixed_precision_trains_fp32_adapters_on_a_frozen_base(config):
+    model = UserModule()
+    quantized = isinstance(config, QLoRAConfig)
+    base = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("bert.") and not quantized}
+    trainer([PEFT(config)], max_steps=4, precision="bf16-mixed").fit(model, loader())
+    assert all(torch.isfinite(torch.tensor(model.losses)))
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".adapters." not in k}
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    moved = [n for n, p in model.named_parameters()
+             if n.startswith("bert.") and ".adapters." in n and "lora_A" not in n and not torch.equal(p, torch.zeros_like(p)) and not torch.equal(p, torch.ones_like(p))]
+    assert moved, "no adapter tensor of the encoder moved from its initial value"

@@ -198,3 +198,36 @@ def test_merge_and_unload_gives_plain_layers_and_the_same_outputs():
         torch.testing.assert_close(output(model, x), adapted, rtol=1e-4, atol=1e-4)
     assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
     assert type(model.classifier) is nn.Linear  # the trained copy of the head replaced the original
+
+
+def test_lora_layer_runs_the_fused_kernel_when_it_applies(monkeypatch):
+    """The layer's kernel path (real Triton kernel; on CPU through the interpreter) equals its eager path."""
+    pytest.importorskip("triton")
+    from lightning_peft.kernels import dispatch
+
+    torch.manual_seed(0)
+    model = holder(fc=nn.Linear(41, 37))
+    inject(model, LoRAConfig(r=5, alpha=10.0, target_modules=["fc"], modules_to_save=None, bias="lora_only"))
+    randomize(model)
+    x = torch.randn(3, 9, 41, requires_grad=True)
+    eager = model(x)
+    eager.square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad} | {"x": x.grad.clone()}
+    for p in [*model.parameters(), x]:
+        p.grad = None
+    calls = []
+    real = dispatch.lora_linear_triton
+    monkeypatch.setattr(dispatch, "will_use_triton", lambda t: True)  # the interpreter stands in for a GPU
+    monkeypatch.setattr(dispatch, "lora_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = model(x)
+    fused.square().sum().backward()
+    assert calls == [1]
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-3, msg=name)
+    torch.testing.assert_close(x.grad, expected["x"], rtol=1e-3, atol=1e-3)
+    calls.clear()
+    model.fc.configs["default"].use_kernels = False
+    model(x)
+    assert calls == []

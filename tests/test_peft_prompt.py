@@ -262,7 +262,7 @@ def test_switching_prompt_adapters_and_their_limits():
         with pytest.raises(RuntimeError, match="cannot serve mixed-adapter batches"):
             with adapter_batch(model, ["a", "b"]):
                 model(input_ids=ids)
-        with pytest.raises(RuntimeError, match=r"prompt adapters \['a'\] at 'transformer' cannot be merged"):
+        with pytest.raises(RuntimeError, match="Cannot merge: transformer: prompts and key/value prefixes are extra inputs"):
             merge(model)
         delete_adapter(model, "a")
         delete_adapter(model, "b")
@@ -311,3 +311,16 @@ def test_lora_inside_a_prompted_model_and_clear_errors():
         inject(Classifier(), PromptTuningConfig(num_virtual_tokens=600))(x, mask)
     with pytest.raises(ValueError, match="init='text' needs init_text"):
         PromptTuningConfig(init="text")
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "adapter_parallel"])
+def test_bf16_mixed_precision_trains_fp32_prompts_and_adapters(method):
+    model = Classifier()
+    base = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("bert.")}
+    trainer([PEFT(CONFIGS[method]() if method in CONFIGS else ADAPTERS[method]())], max_steps=4, precision="bf16-mixed").fit(model, loader())
+    assert all(torch.isfinite(torch.tensor(model.losses)))
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".adapters." not in k}
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad and n.startswith("bert.")}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())

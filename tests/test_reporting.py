@@ -53,6 +53,11 @@ def test_metrics_json_records_each_validation_and_final(tmp_path):
     assert [h["epoch"] for h in data["history"]] == [0, 1]  # sanity check not recorded
     assert data["final"]["val/loss"] == data["history"][-1]["val/loss"]
     assert data["final"]["global_step"] == 4
+    run = data["run"]
+    assert run["trainable_parameters"] == run["total_parameters"] == 3 * 32 * 32 * 3 + 3
+    assert len(run["epoch_seconds"]) == 2 and all(t > 0 for t in run["epoch_seconds"])
+    assert run["peak_memory_kind"] == "process_rss" and run["peak_memory_bytes"] > 50 * 2**20  # torch alone takes more
+    assert run["world_size"] == 1
 
 
 def test_atomic_write_keeps_old_file_when_the_write_fails(tmp_path, monkeypatch):

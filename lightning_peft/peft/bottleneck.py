@@ -17,7 +17,7 @@ GPT-2, Llama-style decoders and timm ViT; ``target_modules`` places them anywher
   argument (mode ``residual_arg``: ``output(h, x + s·branch(x))`` = LayerNorm(ffn(x) + s·branch(x) + x)).
 
 The adapters are nonlinear, so they cannot be merged into the base weights: ``merge`` refuses them
-before changing anything.
+(``merge_blocker``) before changing anything.
 """
 
 from __future__ import annotations
@@ -180,7 +180,15 @@ class BottleneckLayer(AdapterLayer):
     """A module with bottleneck adapters after it (``output``), beside it (``parallel``) or on its residual argument."""
 
     method = "bottleneck"
-    mergeable = False
+
+    def merge_blocker(self) -> str | None:
+        return (
+            "bottleneck adapters are nonlinear (h + s·W_up·act(W_down·h)) and cannot be folded into the base weights; "
+            "keep them unmerged (merge and merge_and_unload refuse them)"
+        )
+
+    def _merge(self, name: str) -> None:
+        raise RuntimeError(f"adapter {name!r}: {self.merge_blocker()}")
 
     @classmethod
     def make_adapter(cls, base: nn.Module, spec: dict[str, Any]) -> Bottleneck:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..matching import clean_name
 from .model import adapter_parameters
 
 __all__ = ["AdapterOnlyCheckpoints", "adapter_only_state_dict", "base_fingerprint", "FINGERPRINT_KEY"]
@@ -26,13 +27,13 @@ FINGERPRINT_KEY = "__lightning_peft__.base_fingerprint"
 def frozen_base_names(module: nn.Module) -> set[str]:
     """State-dict names of the frozen parameters that belong to no adapter (tied aliases included)."""
     adapters = {id(p) for p in adapter_parameters(module).values()}
-    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad and id(p) not in adapters}
+    return {clean_name(n) for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad and id(p) not in adapters}
 
 
 def base_fingerprint(module: nn.Module) -> torch.Tensor:
     """A float64 vector summarising the frozen base weights (names, shapes, sums), to recognise the same base model."""
     names = sorted(frozen_base_names(module))
-    params = dict(module.named_parameters(remove_duplicate=False))
+    params = {clean_name(n): p for n, p in module.named_parameters(remove_duplicate=False)}
     digest = hashlib.sha256("\n".join(f"{n}:{tuple(params[n].shape)}" for n in names).encode()).digest()
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():

@@ -17,6 +17,7 @@ from torch import nn
 from ..matching import name_matches
 from .config import MethodConfig
 from .layer import AdapterLayer
+from .quantization import is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, is_linear, resolve_targets
 
@@ -85,6 +86,8 @@ class IA3Layer(AdapterLayer):
     def make_adapter(cls, base: nn.Module, spec: dict[str, Any]) -> IA3:
         if not is_linear(base):
             raise ValueError(f"IA3 wraps nn.Linear and Conv1D layers, not {type(base).__name__}")
+        if is_quantized(base):
+            keep_layout(base)  # wrapped: its storage must stay as quantized (saving, merging)
         return IA3(base, spec)
 
     def _scale(self, names: tuple[str, ...], feedforward: bool, like: torch.Tensor) -> torch.Tensor | None:
@@ -108,6 +111,9 @@ class IA3Layer(AdapterLayer):
             if scale is not None:
                 y = y * scale if index is None else y.index_copy(0, index.to(y.device), y.index_select(0, index.to(y.device)) * scale)
         return y
+
+    def merge_blocker(self) -> str | None:
+        return quantized_merge_blocker(self.base_layer)
 
     def _factors(self, name: str) -> tuple[torch.Tensor, bool]:
         """The vector and whether it scales rows of the stored weight (output dim) -- Conv1D stores (in, out)."""

@@ -31,7 +31,7 @@ from .config import MethodConfig
 from .layer import adapter_layers
 from .lora import LoRAConfig, lora_kind
 from .model import adapter_sites, adapter_state_dict, apply_sites, delete_adapter, install_input_grad_hooks, list_adapters, set_adapter, unmerged
-from .registry import Site, config_from_dict
+from .registry import Site, config_from_dict, method_for
 from .targeting import base_module, hf_models
 
 __all__ = ["save_adapter", "load_adapter", "export_peft", "import_peft", "adapter_config"]
@@ -93,6 +93,9 @@ def _install(model: nn.Module, name: str, config: MethodConfig, sites: list[Site
     """Add adapter ``name`` at ``sites`` and fill it from ``tensors`` (keys as in adapter_state_dict), all or nothing."""
     if name in list_adapters(model):
         raise ValueError(f"Adapter {name!r} already exists on {type(model).__name__}; load it under another adapter_name")
+    method = method_for(config)
+    if method.prepare is not None:  # e.g. QLoRA: quantize the fresh base the same way
+        method.prepare(model, config, [s.module for s in sites if s.layer == "modules_to_save"])
     apply_sites(model, sites, name, config)
     try:
         expected = adapter_state_dict(model, name)

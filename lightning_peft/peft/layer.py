@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["AdapterLayer", "Route", "validate_adapter_name", "adapter_layers", "unmergeable_message"]
+__all__ = ["AdapterDict", "AdapterLayer", "Route", "validate_adapter_name", "adapter_layers"]
 
 Route = tuple[tuple[str, ...], "torch.Tensor | None"]  # (adapter names, sample indices or None = whole batch)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -34,6 +34,11 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
+class AdapterDict(nn.ModuleDict):
+    """The named adapters of one wrapper: its own type, so sharding policies can give adapters (trainable)
+    their own FSDP units instead of flat parameters shared with frozen base weights."""
+
+
 class AdapterLayer(nn.Module):
     """Base of the wrappers: ``base_layer`` (frozen) + ``adapters`` (``ModuleDict`` name -> adapter module).
 
@@ -42,13 +47,12 @@ class AdapterLayer(nn.Module):
     """
 
     method: ClassVar[str] = ""
-    mergeable: ClassVar[bool] = True  # False: the method is no change of the base weights (adapters, prompts); merge refuses
     transparent: ClassVar[bool] = False  # True: targeting looks inside base_layer (a wrapper around a whole model)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
+        self.adapters = AdapterDict()
         self.configs: dict[str, Any] = {}  # adapter name -> its method config (shared by every layer of the adapter)
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
@@ -111,10 +115,9 @@ class AdapterLayer(nn.Module):
 
     def merge(self, names: Sequence[str] | None = None) -> None:
         """Fold the given (default: active, not yet merged) adapters into the base weights."""
-        todo = [n for n in (names if names is not None else self.active) if n not in self.merged and n in self.adapters]
-        if todo and not self.mergeable:
-            raise RuntimeError(unmergeable_message(self.method, todo))
-        for name in todo:
+        for name in names if names is not None else self.active:
+            if name in self.merged or name not in self.adapters:
+                continue
             with torch.no_grad():
                 self._merge(name)
             self.merged = self.merged + (name,)
@@ -125,6 +128,10 @@ class AdapterLayer(nn.Module):
             with torch.no_grad():
                 self._unmerge(name)
         self.merged = ()
+
+    def merge_blocker(self) -> str | None:
+        """Why this layer's adapters cannot be merged into its base weights (``None``: they can)."""
+        return None
 
     def _merge(self, name: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot merge")
@@ -138,14 +145,6 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, adapters={list(self.adapters)}, active={list(self.active)}, merged={list(self.merged)}"
-
-
-def unmergeable_message(method: str, names: Sequence[str], where: str = "") -> str:
-    at = f" at {where!r}" if where else ""
-    return (
-        f"{method} adapters {list(names)}{at} cannot be merged into the base weights: they are not a linear change of "
-        "those weights. Keep them unmerged (they run beside the frozen model); merge and merge_and_unload refuse them."
-    )
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

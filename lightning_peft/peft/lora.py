@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .layer import AdapterLayer
+from .quantization import is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
 
@@ -179,6 +180,8 @@ class LoRALayer(AdapterLayer):
     def make_adapter(cls, base: nn.Module, spec: dict[str, Any]) -> LoRA:
         if lora_kind(base) != spec["kind"]:
             raise ValueError(f"a LoRA adapter of kind {spec['kind']!r} does not fit a {type(base).__name__}")
+        if is_quantized(base):
+            keep_layout(base)  # wrapped: its storage must stay as quantized (saving, merging)
         return LoRA(base, spec)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -194,25 +197,36 @@ class LoRALayer(AdapterLayer):
         return y
 
     def _fused(self, x: torch.Tensor, routes: list) -> torch.Tensor | None:
-        """The fused Triton kernel for one whole-batch adapter on a CUDA linear layer, else ``None``."""
-        if len(routes) != 1 or not x.is_cuda:
+        """One whole-batch adapter on a linear layer through the fused Triton kernel, when it applies; else ``None``.
+
+        The kernel computes the base GEMM with the rank-r term folded into its epilogue and saves only
+        x and x·Aᵀ for backward (``lightning_peft.kernels``); it runs on CUDA unless turned off
+        (``LoRAConfig(use_kernels=False)``, ``use_kernels(False)``, ``LIGHTNING_PEFT_KERNELS=0``).
+        """
+        if len(routes) != 1 or x.shape[-1] == 0:
             return None
         names, index = routes[0]
         if index is not None or len(names) != 1:
             return None
         adapter = self.adapters[names[0]]
-        if adapter.kind != "linear" or not self.configs[names[0]].use_kernels:
+        if adapter.kind != "linear" or not self.configs[names[0]].use_kernels or type(self.base_layer) is not nn.Linear:
             return None
-        from ..kernels import kernels_enabled, lora_linear
+        from ..kernels import MAX_LORA_RANK, dispatch
 
-        if not kernels_enabled():
+        if adapter.lora_A.shape[0] > MAX_LORA_RANK or not dispatch.will_use_triton(x):
             return None
         base = self.base_layer
-        bias = base.bias
+        a, b, bias = adapter.lora_A, adapter.lora_B, base.bias
         if adapter.bias_delta is not None:
             bias = adapter.bias_delta if bias is None else bias + adapter.bias_delta.to(bias.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # fp32 adapters on a half-precision base: compute in x's dtype
+            a, b = a.to(x.dtype), b.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
         p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) and self.training else 0.0
-        return lora_linear(x, base.weight, bias, adapter.lora_A, adapter.lora_B, adapter.scale, dropout_p=p)
+        return dispatch.lora_linear_triton(x, base.weight, bias, a, b, adapter.scale, dropout_p=p)
+
+    def merge_blocker(self) -> str | None:
+        return quantized_merge_blocker(self.base_layer)
 
     def _merge(self, name: str) -> None:
         adapter = self.adapters[name]

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..matching import format_names
+from ..matching import clean_name, format_names
 from ..params import count_parameters
 from .config import MethodConfig
-from .layer import AdapterLayer, adapter_layers, unmergeable_message, validate_adapter_name
+from .layer import AdapterLayer, adapter_layers, validate_adapter_name
 from .modules_to_save import ModulesToSaveLayer
 from .registry import LAYERS, Site, method_for
 from .surgery import replace_module
@@ -110,6 +110,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise RuntimeError("Adapters are merged into the base weights; unmerge(model) before adding another")
     saved = resolve_modules_to_save(model, config)
+    if method.prepare is not None:
+        method.prepare(model, config, saved)
     sites = method.plan(model, config, saved) + [Site(n, "modules_to_save", {}) for n in saved]
     apply_sites(model, sites, adapter_name, config)
     model.requires_grad_(False)
@@ -191,18 +193,19 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
     """Fold adapters (default: the active ones) into the base weights: base-model speed, same outputs.
 
     Raises:
-        RuntimeError: an adapter of a method that cannot merge (bottleneck adapters, prompt methods),
-            before anything changes.
         RuntimeError: a wrapped weight is tied to another module (e.g. input embeddings shared with
             the LM head): merging would change both. Keep that adapter unmerged.
     """
     if adapter_names is not None:
         _require(model, list(adapter_names))
-    for name, layer in adapter_layers(model):  # refuse before anything is merged
-        wanted = [n for n in (adapter_names if adapter_names is not None else layer.active) if n in layer.adapters and n not in layer.merged]
-        if wanted and not layer.mergeable:
-            raise RuntimeError(unmergeable_message(layer.method, wanted, name))
     tied = _tied_elsewhere(model)
+    blocked = [
+        (name, reason) for name, layer in adapter_layers(model)
+        if any(n in layer.adapters for n in (adapter_names or layer.active)) and (reason := layer.merge_blocker()) is not None
+    ]
+    if blocked:
+        listing = "; ".join(f"{name}: {reason}" for name, reason in blocked[:4]) + (f"; ... ({len(blocked) - 4} more)" if len(blocked) > 4 else "")
+        raise RuntimeError(f"Cannot merge: {listing}")
     for name, layer in adapter_layers(model):
         if isinstance(layer, ModulesToSaveLayer):
             continue
@@ -257,7 +260,7 @@ def _form(adapter: nn.Module, inference: bool) -> nn.Module:
 def adapter_sites(model: nn.Module, adapter_name: str, inference: bool = False) -> list[Site]:
     """Where ``adapter_name`` sits: one site per wrapped module, with the spec that rebuilds it (its inference form's with ``inference``)."""
     return [
-        Site(name, layer.method, dict(getattr(_form(layer.adapters[adapter_name], inference), "spec", {})))
+        Site(clean_name(name), layer.method, dict(getattr(_form(layer.adapters[adapter_name], inference), "spec", {})))
         for name, layer in adapter_layers(model) if adapter_name in layer.adapters
     ]
 
@@ -274,14 +277,14 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", inferenc
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             for key, value in _form(layer.adapters[adapter_name], inference).state_dict().items():
-                out[f"{name}.{key}"] = value
+                out[clean_name(f"{name}.{key}")] = value
     return out
 
 
 def adapter_parameters(model: nn.Module, adapter_names: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
     """Qualified name -> parameter of the adapters (default: all of them), as ``model.named_parameters`` names it."""
     wanted = {id(p) for _, layer in adapter_layers(model) for n, a in layer.adapters.items() if adapter_names is None or n in adapter_names for p in a.parameters()}
-    return {n: p for n, p in model.named_parameters() if id(p) in wanted}
+    return {clean_name(n): p for n, p in model.named_parameters() if id(p) in wanted}
 
 
 # --- gradient checkpointing: the `enable_input_require_grads` trap ----------------------------------

@@ -310,8 +310,13 @@ class PromptLayer(AdapterLayer):
     """A ``transformers`` base model whose calls get the active prompt adapter's virtual tokens (see the module doc)."""
 
     method = "prompt"
-    mergeable = False
     transparent = True
+
+    def merge_blocker(self) -> str | None:
+        return "prompts and key/value prefixes are extra inputs of the model, not a change of its weights; nothing can be merged"
+
+    def _merge(self, name: str) -> None:
+        raise RuntimeError(f"adapter {name!r}: {self.merge_blocker()}")
 
     @classmethod
     def make_adapter(cls, base: nn.Module, spec: dict[str, Any]) -> PromptEncoder:

@@ -29,15 +29,18 @@ class Site:
 
 
 Planner = Callable[[nn.Module, Any, list[str]], list[Site]]
+Preparer = Callable[[nn.Module, Any, list[str]], None]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A parameter-efficient method: ``plan(model, config, modules_to_save)`` lists the sites to wrap."""
+    """A parameter-efficient method: ``plan(model, config, modules_to_save)`` lists the sites to wrap;
+    the optional ``prepare`` changes the base first (QLoRA quantizes it), also when an adapter is loaded."""
 
     name: str
     config: type[MethodConfig]
     plan: Planner
+    prepare: Preparer | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -50,10 +53,10 @@ def register_layer(cls: type[AdapterLayer]) -> type[AdapterLayer]:
     return cls
 
 
-def register_method(name: str, config: type[MethodConfig], plan: Planner) -> Method:
+def register_method(name: str, config: type[MethodConfig], plan: Planner, prepare: Preparer | None = None) -> Method:
     if config.method != name:
         raise ValueError(f"{config.__name__}.method is {config.method!r}, registered as {name!r}")
-    METHODS[name] = Method(name, config, plan)
+    METHODS[name] = Method(name, config, plan, prepare)
     return METHODS[name]
 
 

@@ -21,7 +21,7 @@ from .layer import AdapterLayer
 
 __all__ = [
     "candidate_modules", "base_module", "is_conv1d", "is_linear", "hf_models", "resolve_targets",
-    "resolve_modules_to_save", "all_linear_modules", "head_modules", "pattern_value", "iter_bias_modules", "has_bias",
+    "resolve_modules_to_save", "all_linear_modules", "head_modules", "pattern_value", "iter_bias_modules", "has_bias", "select_modules",
 ]
 
 
@@ -89,7 +89,8 @@ def _within(candidates: list[tuple[str, nn.Module]], prefix: str) -> list[tuple[
     return [(n, m) for n, m in candidates if n.startswith(prefix + ".")]
 
 
-def _select(candidates: list[tuple[str, nn.Module]], patterns: Sequence[str], supported: Callable[[nn.Module], bool], what: str, root: nn.Module) -> list[str]:
+def select_modules(candidates: list[tuple[str, nn.Module]], patterns: Sequence[str], supported: Callable[[nn.Module], bool], what: str, root: nn.Module) -> list[str]:
+    """Names among ``candidates`` selected by ``patterns`` that ``supported`` accepts; each pattern must select one."""
     wrappable = [n for n, m in candidates if supported(base_module(m))]
     selected: list[str] = []
     for pattern in patterns:
@@ -123,7 +124,7 @@ def _default_targets(root: nn.Module, candidates: list[tuple[str, nn.Module]], d
                 f"{what}: no default target modules for model type {key!r} ({type(model).__name__}); pass "
                 f"target_modules=[...] (module patterns) or 'all-linear'. Defaults exist for: {', '.join(sorted(defaults))}"
             )
-        selected.extend(_select(_within(candidates, prefix), defaults[key], supported, what, root))
+        selected.extend(select_modules(_within(candidates, prefix), defaults[key], supported, what, root))
     if not models:
         raise ValueError(
             f"{what}: {type(root).__name__} holds no transformers or timm model with known default targets; pass "
@@ -175,7 +176,7 @@ def resolve_targets(
     elif config.target_modules == ALL_LINEAR:
         names = [n for n in all_linear_modules(root, candidates) if supported(base_module(root.get_submodule(n)))]
     else:
-        names = _select(candidates, config.target_modules, supported, what, root)
+        names = select_modules(candidates, config.target_modules, supported, what, root)
     for pattern in config.exclude_modules or ():
         if not any(name_matches(pattern, n) for n, _ in candidates):
             raise ValueError(f"{what} exclude_modules pattern {pattern!r} matched no module; modules: {format_names([n for n, _ in candidates])}")
@@ -224,7 +225,7 @@ def resolve_modules_to_save(root: nn.Module, config: MethodConfig) -> list[str]:
     if spec == AUTO:
         return head_modules(root)
     candidates = candidate_modules(root)
-    names = _select(candidates, spec, lambda m: any(True for _ in m.parameters()), "modules_to_save", root)
+    names = select_modules(candidates, spec, lambda m: any(True for _ in m.parameters()), "modules_to_save", root)
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 
 

