@@ -123,6 +123,10 @@ class Classifier(pl.LightningModule):
         self.losses.append(loss.item())
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.02)
 
@@ -253,3 +257,32 @@ def test_bad_quantization_options_are_errors():
         QLoRAConfig(quant_type="int4")
     with pytest.raises(ValueError, match="QLoRA quantize_modules pattern 'nothing' matched no module"):
         inject(llama(), QLoRAConfig(quantize_modules=["nothing"]))
+
+
+def test_adapter_only_checkpoint_of_a_qlora_run_validates_on_a_fresh_model(tmp_path):
+    def trainer():
+        return pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[PEFT(QLoRAConfig(r=4), adapter_only_checkpoint=True, verbose=False)])
+
+    model = Classifier()
+    t = trainer()
+    t.fit(model, _loader())
+    t.save_checkpoint(tmp_path / "q.ckpt")
+    expected = t.validate(model, _loader(), verbose=False)[0]["val_loss"]
+    state = torch.load(tmp_path / "q.ckpt", weights_only=False)["state_dict"]
+    frozen = sum(v.numel() for k, v in state.items() if k.endswith(".base_layer.weight") or k.endswith("embed_tokens.weight"))
+    assert frozen == 0  # neither the quantized weights nor the embeddings are in it
+    got = trainer().validate(Classifier(), _loader(), ckpt_path=tmp_path / "q.ckpt", verbose=False)[0]["val_loss"]
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_quantized_model_reloads_its_own_state_strictly_and_refuses_another_quantization():
+    model = llama()
+    inject(model, QLoRAConfig(r=4, modules_to_save=None))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(k.endswith("weight.absmax") for k in state)
+    model.load_state_dict(state)  # strict: the quantization state is taken, not left over as unexpected keys
+    other = llama(seed=1)
+    inject(other, QLoRAConfig(r=4, modules_to_save=None))
+    with pytest.raises(RuntimeError, match="quantized differently"):
+        model.load_state_dict(other.state_dict())

@@ -44,10 +44,19 @@ def base_fingerprint(module: nn.Module) -> torch.Tensor:
     return torch.cat([head, total])
 
 
+def _is_frozen_entry(key: str, frozen: set[str]) -> bool:
+    """``key`` is a frozen parameter, or an entry stored under one (bitsandbytes' ``weight.absmax``, ``weight.quant_map``...)."""
+    if key in frozen:
+        return True
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in frozen for i in range(1, len(parts)))
+
+
 def adapter_only_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """``state_dict`` without the frozen base parameters (adapter tensors, trainable parameters and buffers stay)."""
+    """``state_dict`` without the frozen base parameters and what hangs off them (adapters, trainable parameters and
+    buffers stay)."""
     frozen = frozen_base_names(module)
-    return {k: v for k, v in state_dict.items() if k not in frozen}
+    return {k: v for k, v in state_dict.items() if not _is_frozen_entry(k, frozen)}
 
 
 class AdapterOnlyCheckpoints:
@@ -81,6 +90,7 @@ class AdapterOnlyCheckpoints:
                 "This adapter-only checkpoint was trained on other base weights than the model now holds (their "
                 "fingerprints differ): load the same pretrained model, with the same adapters, before loading it."
             )
-        live = module.state_dict()
-        for name in frozen_base_names(module):
-            state_dict.setdefault(prefix + name, live[name])
+        frozen = frozen_base_names(module)
+        for name, value in module.state_dict().items():
+            if _is_frozen_entry(name, frozen):
+                state_dict.setdefault(prefix + name, value)

@@ -132,11 +132,32 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec) -> nn.Module:
 
 
 def keep_layout(layer: nn.Module) -> None:
-    """Turn off bitsandbytes' CPU inference repacking, which rewrites 4-bit weights in place on the first
-    no-grad eval forward (and fails for layers narrower than a block): saving, merging and checks need
-    the storage layout to stay as quantized."""
+    """Manage a bitsandbytes layer: pin its storage layout and let ``load_state_dict`` take its own quantization state.
+
+    - bitsandbytes' CPU inference path repacks 4-bit weights in place on the first no-grad eval forward
+      (and fails for layers narrower than a block): saving, merging and checks need the layout as quantized.
+    - A quantized ``Linear4bit`` saves its quantization state (``weight.absmax``, ``weight.quant_map``...)
+      but cannot load it back: a pre-hook checks those entries against the layer's own (a frozen base
+      keeps them) and consumes them, so checkpoints of QLoRA runs resume with strict loading.
+    """
     if hasattr(layer, "support_avx512bf16_for_cpu"):
         layer.support_avx512bf16_for_cpu = False
+    if is_quantized(layer) and not getattr(layer, "_lightning_peft_managed", False):
+        layer.register_load_state_dict_pre_hook(_consume_quant_state)
+        layer._lightning_peft_managed = True
+
+
+def _consume_quant_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    state = getattr(module.weight, "quant_state", None)
+    if state is None:
+        return
+    for key, value in state.as_dict(packed=True).items():
+        full = f"{prefix}weight.{key}"
+        if full in state_dict:
+            incoming = state_dict.pop(full)
+            if not torch.equal(incoming.detach().cpu(), value.detach().cpu()):
+                error_msgs.append(f"{full}: the checkpoint was quantized differently from this layer (another base or QuantSpec)")
 
 
 def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
