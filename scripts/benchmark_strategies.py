@@ -50,6 +50,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "adapter_pfeiffer": ("Pfeiffer adapters", ["peft=adapter_pfeiffer"]),
     "adapter_parallel": ("parallel adapters", ["peft=adapter_parallel"]),
     "prompt_tuning": ("prompt tuning", ["peft=prompt_tuning"]),
+    "p_tuning": ("P-tuning (LSTM prompt encoder)", ["peft=p_tuning"]),
     "prefix_tuning": ("prefix tuning", ["peft=prefix_tuning"]),
     "p_tuning_v2": ("P-tuning v2", ["peft=p_tuning_v2"]),
 }

@@ -85,7 +85,7 @@ def test_exclude_modules():
 def test_head_found_automatically_is_saved_in_full():
     assert head_modules(bert()) == ["classifier"]
     assert head_modules(gpt2()) == []  # its LM head is tied to the input embeddings: part of the backbone
-    assert head_modules(llama()) == ["lm_head"]
+    assert head_modules(llama()) == []  # an untied LM head is pretrained output embeddings, not a new head
     assert head_modules(resnet()) == ["fc"] and head_modules(vit()) == ["head"]
 
 

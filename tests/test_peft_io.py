@@ -94,6 +94,15 @@ def test_half_written_or_damaged_adapter_is_detected(tmp_path):
         load_adapter(bert(), tmp_path / "nowhere")
 
 
+def test_loading_an_adapter_freezes_the_base_like_inject(tmp_path):
+    model = bert()
+    inject(model, LoRAConfig(r=4))
+    save_adapter(model, tmp_path)
+    fresh = bert()
+    load_adapter(fresh, tmp_path)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_loading_twice_under_one_name_is_refused(tmp_path):
     model = bert()
     inject(model, LoRAConfig(r=4))

@@ -117,6 +117,7 @@ def _install(model: nn.Module, name: str, config: MethodConfig, sites: list[Site
     except BaseException:
         delete_adapter(model, name)
         raise
+    model.requires_grad_(False)  # as inject: only the adapter trains (and may go on training)
     set_adapter(model, name)
     install_input_grad_hooks(model)
 

@@ -189,8 +189,9 @@ def resolve_targets(
 def head_modules(root: nn.Module) -> list[str]:
     """The task head: the outermost modules whose parameters all lie outside the pretrained backbone.
 
-    Parameters tied to the backbone (an LM head sharing the input embeddings) do not count as head.
-    Empty when no backbone is recognised or the module is a bare pretrained model.
+    A language model's output embeddings (``lm_head``, tied to the input embeddings or not) are
+    pretrained, not a new head, so they never count. Empty when no backbone is recognised or the
+    module is a bare pretrained model.
     """
     try:
         split = find_backbone(root)
@@ -199,6 +200,11 @@ def head_modules(root: nn.Module) -> list[str]:
     heads = [root.get_submodule(h) for h in split.head]
     head_params = {id(p) for h in heads for p in h.parameters()}
     backbone = {id(p) for b in split.backbone for p in (root.get_submodule(b) if b else root).parameters()} - head_params
+    for _, model in hf_models(root):
+        get = getattr(model, "get_output_embeddings", None)
+        output = get() if callable(get) else None
+        if isinstance(output, nn.Module):
+            backbone |= {id(p) for p in output.parameters()}
     out: list[str] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
