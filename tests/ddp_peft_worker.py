@@ -4,7 +4,8 @@
 (1) fit 6 steps with an adapter-only ModelCheckpoint every step, (2) resume a fresh module from the
 step-3 checkpoint (an epoch boundary: Lightning restarts a plain dataloader's epoch on resume) to step 6, and write ``OUT_DIR/<phase>-rank<r>.pt``: the trainable tensors after
 the fit, the losses, the names that trained when DDP wrapped the model, and the first batch seen;
-then (3, 4) fit again with the encoder's gradient checkpointing on, re-entrant and not (peft #899).
+then (3, 4) fit again with the encoder's gradient checkpointing on, re-entrant and not (peft #899), and
+(5) fit Houlsby bottleneck adapters instead of LoRA.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel
 
-from lightning_peft import PEFT, LoRAConfig
+from lightning_peft import PEFT, AdapterConfig, LoRAConfig
 
 
 class UserModule(pl.LightningModule):
@@ -60,7 +61,11 @@ def run(phase: str, out: Path, ckpt_path: Path | None = None) -> None:
     module = UserModule()
     if phase.startswith("checkpointing"):  # peft #899: modules_to_save + gradient checkpointing + DDP
         module.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": phase.endswith("reentrant")})
-    callbacks = [PEFT(LoRAConfig(r=4, target_modules=["query", "value"]), adapter_only_checkpoint=True, verbose=False)]
+    if phase == "adapter":  # a bottleneck adapter method (Houlsby placement)
+        method = AdapterConfig(placement="houlsby", bottleneck_size=4)
+    else:
+        method = LoRAConfig(r=4, target_modules=["query", "value"])
+    callbacks = [PEFT(method, adapter_only_checkpoint=True, verbose=False)]
     if phase == "full":
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"))
     trainer = pl.Trainer(
@@ -82,3 +87,4 @@ if __name__ == "__main__":
     run("resumed", out_dir, out_dir / "ckpt" / "step=3.ckpt")
     run("checkpointing-reentrant", out_dir)
     run("checkpointing-nonreentrant", out_dir)
+    run("adapter", out_dir)

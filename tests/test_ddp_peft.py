@@ -1,5 +1,5 @@
-"""LoRA through the PEFT callback under a real 2-process CPU DDP fit (gloo): ranks stay identical, the
-adapter-only checkpoint written by rank 0 resumes on both ranks exactly where the uninterrupted run was."""
+"""LoRA and bottleneck adapters through the PEFT callback under a real 2-process CPU DDP fit (gloo): ranks stay
+identical, the adapter-only checkpoint written by rank 0 resumes on both ranks exactly where the uninterrupted run was."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, cwd=WORKER.parents[1], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"DDP worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    phases = ("full", "resumed", "checkpointing-reentrant", "checkpointing-nonreentrant")
+    phases = ("full", "resumed", "checkpointing-reentrant", "checkpointing-nonreentrant", "adapter")
     return out, {phase: [torch.load(out / f"{phase}-rank{r}.pt") for r in range(2)] for phase in phases}
 
 
@@ -35,7 +35,7 @@ def test_only_adapters_train_and_ranks_see_different_data(runs):
     assert not torch.equal(result["full"][0]["first_batch"], result["full"][1]["first_batch"])
 
 
-@pytest.mark.parametrize("phase", ["full", "resumed", "checkpointing-reentrant", "checkpointing-nonreentrant"])
+@pytest.mark.parametrize("phase", ["full", "resumed", "checkpointing-reentrant", "checkpointing-nonreentrant", "adapter"])
 def test_ranks_end_with_identical_adapters(runs, phase):
     _, result = runs
     rank0, rank1 = result[phase]
@@ -67,3 +67,12 @@ def test_gradient_checkpointing_with_a_saved_head_under_ddp_trains_like_without(
     for name, value in plain["trainable"].items():
         torch.testing.assert_close(checkpointed["trainable"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert any(".head.adapters.default." in f".{n}" for n in checkpointed["trainable"])
+
+
+def test_bottleneck_adapters_train_under_ddp(runs):
+    _, result = runs
+    rank0 = result["adapter"][0]
+    assert rank0["at_wrap"] and all(".adapters.default." in n for n in rank0["at_wrap"])
+    assert any("attention.output.dense" in n for n in rank0["at_wrap"]) and any(".output.dense" in n and "attention" not in n for n in rank0["at_wrap"])
+    ups = [v for n, v in rank0["trainable"].items() if ".adapters.default.up.weight" in n]
+    assert ups and any(v.abs().sum() > 0 for v in ups)  # the zero-started up projections trained
