@@ -18,7 +18,7 @@ from .callbacks import (
     MetricsJSON,
     ParameterSummary,
 )
-from .data import TextClassificationDataModule, load_text_dataset
+from .data import ImageClassificationDataModule, TextClassificationDataModule, load_image_dataset, load_text_dataset
 from .discriminative import layer_lr_scales
 from .distillation import (
     distillation_loss,
@@ -29,11 +29,11 @@ from .distillation import (
 from .feature_cache import FeatureStore
 from .feature_point import FeaturePoint, find_feature_point
 from .freezing import LayerFreezer, freeze, unfreeze
-from .hub import load_backbone, load_tokenizer, resolve_pretrained
+from .hub import load_backbone, load_timm_model, load_tokenizer, resolve_pretrained
 from .layer_groups import LayerGroup, format_layer_groups, layer_groups
 from .matching import match_module_names
 from .mixins import FinetuningConfig, FinetuningMixin, PEFTMixin
-from .models import TextClassifier, linear_warmup_decay, warmup_schedule
+from .models import ImageClassifier, TextClassifier, linear_warmup_decay, warmup_schedule
 from .param_groups import Placement, regroup_optimizer
 from .params import ParamCount, count_parameters
 from .peft import (
@@ -115,6 +115,8 @@ __all__ = [
     "gathered_parameters",
     "GradualUnfreezing",
     "hidden_state_loss",
+    "ImageClassificationDataModule",
+    "ImageClassifier",
     "IA3Config",
     "import_peft",
     "inject",
@@ -128,8 +130,10 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "load_backbone",
+    "load_image_dataset",
     "load_teacher",
     "load_text_dataset",
+    "load_timm_model",
     "load_tokenizer",
     "LoRAConfig",
     "match_module_names",

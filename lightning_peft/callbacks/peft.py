@@ -21,13 +21,15 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..freezing import set_batchnorm_eval
 from ..matching import format_names
 from ..params import count_parameters
 from ..peft.checkpoint import AdapterOnlyCheckpoints
 from ..peft.config import MethodConfig
 from ..peft.io import adapter_metadata, export_peft, save_adapter
-from ..peft.layer import adapter_layers
+from ..peft.layer import AdapterDict, adapter_layers
 from ..peft.model import inject, list_adapters, set_adapter
 from ..peft.quantization import base_weight_memory
 from ..peft.registry import config_from_dict
@@ -57,6 +59,15 @@ class _FirstStepProbe:
             handle.remove()
 
 
+def frozen_batchnorms(module: nn.Module) -> list[_BatchNorm]:
+    """BatchNorm layers of ``module`` with no trainable parameter, outside every adapter (the frozen base's)."""
+    in_adapters = {id(m) for d in module.modules() if isinstance(d, AdapterDict) for m in d.modules()}
+    return [
+        m for m in module.modules()
+        if isinstance(m, _BatchNorm) and id(m) not in in_adapters and not any(p.requires_grad for p in m.parameters())
+    ]
+
+
 class PEFT(pl.Callback):
     """Fine-tune any LightningModule with a parameter-efficient method, leaving the module's code as it is.
 
@@ -70,6 +81,10 @@ class PEFT(pl.Callback):
         check_gradients: in the first training step, fail loudly when adapter layers ran but got no
             gradient (re-entrant gradient checkpointing with inputs that do not require grad: the layers
             would silently stay untrained) and warn about adapter layers your forward never uses.
+        train_bn: let the BatchNorm layers of the frozen base update their running statistics in
+            training. Default ``False`` keeps them in eval mode (statistics as pretrained), as
+            ``FreezeBackbone`` does: the base then stays bit-identical, buffers included, so the adapter
+            file alone reproduces the fine-tuned model (statistics are not part of adapter files).
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[PEFT(LoRAConfig(r=8), adapter_only_checkpoint=True)])  # doctest: +SKIP
@@ -84,6 +99,7 @@ class PEFT(pl.Callback):
         export_peft: bool = False,
         check_gradients: bool = True,
         verbose: bool = True,
+        train_bn: bool = False,
     ) -> None:
         self.config = config if isinstance(config, MethodConfig) else config_from_dict(dict(config))
         self.adapter_name = adapter_name
@@ -92,6 +108,8 @@ class PEFT(pl.Callback):
         self.export_peft = export_peft
         self.check_gradients = check_gradients
         self.verbose = verbose
+        self.train_bn = train_bn
+        self._frozen_batchnorms: list[_BatchNorm] = []
         self._checked = False
         self._probe: _FirstStepProbe | None = None
         self._checkpoints = AdapterOnlyCheckpoints() if adapter_only_checkpoint else None
@@ -148,8 +166,10 @@ class PEFT(pl.Callback):
         if self.adapter_name in list_adapters(pl_module):
             if self._checkpoints is not None:
                 self._checkpoints.attach(pl_module)
+            self._frozen_batchnorms = [] if self.train_bn else frozen_batchnorms(pl_module)
             return
         inject(pl_module, self.config, self.adapter_name)
+        self._frozen_batchnorms = [] if self.train_bn else frozen_batchnorms(pl_module)
         others = [c for c in trainer.callbacks if isinstance(c, PEFT) and c is not self and c.adapter_name in list_adapters(pl_module)]
         if others:  # several PEFT callbacks: every injected adapter stays active and trains
             set_adapter(pl_module, list(dict.fromkeys([*(c.adapter_name for c in others), self.adapter_name])))
@@ -165,10 +185,18 @@ class PEFT(pl.Callback):
                 f"PEFT: {self.config.method} adapter {self.adapter_name!r} on {wrapped} modules; "
                 f"{counts.trainable:,} of {counts.total:,} parameters train ({counts.percent:.2f}%)"
             )
+            if self._frozen_batchnorms:
+                rank_zero_info(f"PEFT: {len(self._frozen_batchnorms)} BatchNorm layers of the frozen base stay in eval mode (train_bn=False)")
+
+    # --- BatchNorm of the frozen base -----------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_batchnorm_eval(self._frozen_batchnorms)  # Lightning calls model.train() at every epoch start
 
     # --- the gradient-checkpointing trap --------------------------------------------------------
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        set_batchnorm_eval(self._frozen_batchnorms)  # also after a mid-epoch validation put the model back in train mode
         if self.check_gradients and not self._checked and self._probe is None:
             self._probe = _FirstStepProbe(pl_module, self.adapter_name)
 

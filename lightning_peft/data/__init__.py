@@ -1,6 +1,11 @@
-"""Data: offline labelled text sets and the text-classification data module."""
+"""Data: offline labelled text and image sets, and their classification data modules."""
 
 from .datasets import DATASETS, TextDataset, load_text_dataset, stratified_split
+from .image_datamodule import IMAGENET_MEAN, IMAGENET_STD, ImageClassificationDataModule
+from .images import IMAGE_DATASETS, ImageDataset, load_image_dataset
 from .text_datamodule import TextClassificationDataModule
 
-__all__ = ["DATASETS", "TextDataset", "TextClassificationDataModule", "load_text_dataset", "stratified_split"]
+__all__ = [
+    "DATASETS", "IMAGE_DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageClassificationDataModule", "ImageDataset",
+    "TextDataset", "TextClassificationDataModule", "load_image_dataset", "load_text_dataset", "stratified_split",
+]

@@ -1,7 +1,9 @@
 """Ready-made LightningModules used by the Hydra entry point (your own modules work too)."""
 
+from .base import ClassificationModule
+from .image_classifier import ImageClassifier
 from .pooling import POOLINGS, pool
 from .schedules import linear_warmup_decay, warmup_schedule
 from .text_classifier import TextClassifier
 
-__all__ = ["POOLINGS", "TextClassifier", "linear_warmup_decay", "pool", "warmup_schedule"]
+__all__ = ["POOLINGS", "ClassificationModule", "ImageClassifier", "TextClassifier", "linear_warmup_decay", "pool", "warmup_schedule"]

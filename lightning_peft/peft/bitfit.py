@@ -3,6 +3,9 @@
 Each bias gets a zero-initialised trainable delta per adapter (y = base(x) + delta), which trains
 exactly like the bias itself (same gradient) while the pretrained bias stays untouched -- so BitFit
 adapters can be saved alone, switched, disabled, mixed in one batch and merged like LoRA ones.
+Layers that apply more after their bias inside their own forward (timm's ``BatchNormAct2d``:
+normalise, add the bias, then dropout and activation) get the delta added to the bias itself for
+the call, so BitFit stays "train the bias" there too and merging stays exact.
 Neither HF PEFT nor AdapterHub offers BitFit as a method.
 """
 
@@ -66,6 +69,8 @@ class BitFitLayer(AdapterLayer):
         return BiasDelta(base, spec)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if _applies_more_after_bias(self.base_layer):
+            return self._forward_bias_inside(x, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
         for names, index in self.routes(x.shape[0]):
             if index is None:
@@ -79,11 +84,36 @@ class BitFitLayer(AdapterLayer):
                 y = y.index_copy(0, index, part)
         return y
 
+    def _forward_bias_inside(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_layer`` run with ``bias + Σ_active delta`` as its bias (each routed part of a mixed batch separately)."""
+        routes = self.routes(x.shape[0])
+        if not routes:
+            return self.base_layer(x, *args, **kwargs)
+        if routes[0][1] is None:
+            return self._with_deltas(routes[0][0], x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)  # samples routed to the base model keep this
+        for names, index in routes:
+            index = index.to(x.device)
+            y = y.index_copy(0, index, self._with_deltas(names, x.index_select(0, index), *args, **kwargs))
+        return y
+
+    def _with_deltas(self, names: tuple[str, ...], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        bias = self.base_layer.bias
+        for n in names:
+            bias = bias + self.adapters[n].bias_delta.to(bias.dtype)
+        return torch.func.functional_call(self.base_layer, {"bias": bias}, (x, *args), kwargs)
+
     def _merge(self, name: str) -> None:
         self.base_layer.bias.add_(self.adapters[name].bias_delta.to(self.base_layer.bias.dtype))
 
     def _unmerge(self, name: str) -> None:
         self.base_layer.bias.sub_(self.adapters[name].bias_delta.to(self.base_layer.bias.dtype))
+
+
+def _applies_more_after_bias(module: nn.Module) -> bool:
+    """Whether ``module``'s forward runs child modules after its bias (timm's norm + activation layers), so that
+    adding a delta to its output would not equal changing its bias."""
+    return any(not isinstance(child, nn.Identity) for child in module.children())
 
 
 def plan_bitfit(model: nn.Module, config: BitFitConfig, modules_to_save: list[str]) -> list[Site]:
