@@ -70,7 +70,7 @@ from .peft import (
 from .peft import AdapterConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config
 from .probing import FeatureSet, extract_features, fit_classifier
 from .regularization import l2sp_penalty
-from .sharding import FSDPBlockPolicy, gathered_parameters
+from .sharding import FSDPBlockPolicy, gathered_parameters, replicated_modules, sync_replicated_gradients
 
 __version__ = "0.1.0"
 
@@ -153,9 +153,11 @@ __all__ = [
     "QuantSpec",
     "regroup_optimizer",
     "resolve_pretrained",
+    "replicated_modules",
     "save_adapter",
     "set_adapter",
     "soft_target_loss",
+    "sync_replicated_gradients",
     "TextClassificationDataModule",
     "TextClassifier",
     "unfreeze",

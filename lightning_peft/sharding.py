@@ -1,13 +1,16 @@
-"""FSDP support: a wrap policy that keeps trainable adapters out of frozen flat parameters, wrapper-free
-parameter names, and gathering sharded adapters before they are written.
+"""FSDP support: a wrap policy for the frozen base, replicated adapters with their gradients averaged, wrapper-free
+parameter names, and gathering sharded weights before they are written.
 
 FSDP (v1) flattens each wrapped unit's parameters into one ``FlatParameter``. A unit that mixes frozen
 and trainable parameters either fails ("FlatParameter requires uniform requires_grad", pytorch
 #100945, without ``use_orig_params``) or carries a gradient the size of the whole unit (litgpt
-#1417). :class:`FSDPBlockPolicy` wraps each transformer block and, inside it, each adapter container
-(:class:`~lightning_peft.peft.layer.AdapterDict`) as units of their own, so frozen weights and
-adapters never share a flat parameter. Sharded adapters are gathered before saving, so an adapter
-saved from a sharded run holds its full weights (peft #453, #1366).
+#1417). So only the frozen base is sharded: :class:`FSDPBlockPolicy` wraps each transformer block, and
+PEFT's adapter containers (:func:`replicated_modules`) are given to FSDP as ``ignored_states``: each rank
+keeps them whole (they are small), :func:`sync_replicated_gradients` averages their gradients, and an
+adapter saved from a sharded run holds its full weights (peft #453, #1366). The adapters cannot be their
+own FSDP units: a layer reads them directly (``adapters[name](x)``, the fused kernel), never through the
+unit's ``forward``, so FSDP would never unshard them. The :class:`~lightning_peft.PEFT` callback does all
+of this under Lightning's ``FSDPStrategy``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 from .matching import clean_name
 from .peft.layer import AdapterDict
 
-__all__ = ["DEFAULT_BLOCKS", "FSDPBlockPolicy", "clean_name", "gathered_parameters"]
+__all__ = ["DEFAULT_BLOCKS", "FSDPBlockPolicy", "clean_name", "gathered_parameters", "replicated_modules", "sync_replicated_gradients"]
 
 # Transformer block classes of common architectures (transformers and timm), matched by class name.
 DEFAULT_BLOCKS = (
@@ -32,25 +37,62 @@ DEFAULT_BLOCKS = (
 
 
 class FSDPBlockPolicy:
-    """FSDP ``auto_wrap_policy``: a unit per transformer block (by class name) and per adapter container.
+    """FSDP ``auto_wrap_policy``: a unit per transformer block (matched by class name).
 
     Args:
         blocks: class names of the blocks to wrap (default: :data:`DEFAULT_BLOCKS`).
-        wrap_adapters: give every :class:`AdapterDict` its own unit (trainable parameters apart from frozen ones).
 
-    Use it in ``FSDPStrategy(auto_wrap_policy=FSDPBlockPolicy())`` (``trainer=fsdp`` does).
+    Use it in ``FSDPStrategy(auto_wrap_policy=FSDPBlockPolicy())`` (``trainer=fsdp`` does). Adapters inside
+    the blocks stay out of the units when they are FSDP's ``ignored_states`` (:func:`replicated_modules`).
     """
 
-    def __init__(self, blocks: Sequence[str] | None = None, wrap_adapters: bool = True) -> None:
+    def __init__(self, blocks: Sequence[str] | None = None) -> None:
         self.blocks = frozenset(blocks or DEFAULT_BLOCKS)
-        self.wrap_adapters = wrap_adapters
 
     def wraps(self, module: nn.Module) -> bool:
         """Whether ``module`` becomes a unit of its own."""
-        return type(module).__name__ in self.blocks or (self.wrap_adapters and isinstance(module, AdapterDict))
+        return type(module).__name__ in self.blocks
 
     def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int = 0, **kwargs: object) -> bool:
         return True if recurse else self.wraps(module)
+
+
+def replicated_modules(model: nn.Module) -> list[nn.Module]:
+    """Every adapter container of ``model`` (PEFT's trainable state): FSDP's ``ignored_states``, whole on every rank."""
+    return [m for m in model.modules() if isinstance(m, AdapterDict)]
+
+
+def sync_replicated_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Average the gradients of the replicated adapter parameters over the ranks, as DDP would; returns their count.
+
+    FSDP reduces only the gradients of what it shards. One all-reduce over a flat buffer; a parameter that
+    got no gradient on any rank keeps ``grad=None`` (it did not take part), one that got it on some ranks
+    gets the average with zeros from the others. A no-op outside an initialised process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    params = [p for m in replicated_modules(model) for p in m.parameters() if p.requires_grad]
+    if not params:
+        return 0
+    world = dist.get_world_size(group)
+    reference = next(p.grad for p in params if p.grad is not None) if any(p.grad is not None for p in params) else params[0]
+    device, dtype = reference.device, torch.float32
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, dtype) for p in params])
+    present = torch.tensor([p.grad is not None for p in params], device=device, dtype=dtype)
+    buffer = torch.cat([flat, present])
+    dist.all_reduce(buffer, group=group)
+    flat, present = buffer[: flat.numel()] / world, buffer[flat.numel():]
+    offset = 0
+    for p, had in zip(params, present.tolist()):
+        n = p.numel()
+        if had:
+            value = flat[offset: offset + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = value.clone()
+            else:
+                p.grad.copy_(value)
+        offset += n
+    return len(params)
 
 
 def _fsdp_units(model: nn.Module) -> list[nn.Module]:

@@ -1,28 +1,31 @@
-"""FSDP support that can be checked without a GPU: the wrap policy's units, clean names, the adapter-only guard.
+"""FSDP support checked in one process: the wrap policy's units, replicated adapters, clean names, the callback's wiring.
 
-FSDP itself (Lightning's and PyTorch's) needs a CUDA device; its end-to-end runs are for a GPU machine.
+The real 2-process FSDP fits (PyTorch's FSDP through Lightning's strategy, on CPU) are in test_fsdp_peft.py.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-from lightning_peft import PEFT, FSDPBlockPolicy, LoRAConfig, gathered_parameters, inject
+from lightning_peft import PEFT, FSDPBlockPolicy, LoRAConfig, gathered_parameters, inject, replicated_modules, sync_replicated_gradients
 from lightning_peft.matching import clean_name
 from lightning_peft.peft.layer import AdapterDict
 from tiny_models import bert, gpt2, llama, vit
 
 
-def fsdp_units(root: nn.Module, policy: FSDPBlockPolicy) -> dict[str, list[nn.Parameter]]:
-    """What FSDP's auto-wrapping does with ``policy``: each parameter belongs to its nearest wrapped ancestor."""
+def fsdp_units(root: nn.Module, policy: FSDPBlockPolicy, ignored: list[nn.Module] = ()) -> dict[str, list[nn.Parameter]]:
+    """What FSDP's auto-wrapping does with ``policy``: each parameter not ignored belongs to its nearest wrapped ancestor."""
     units: dict[str, list[nn.Parameter]] = {}
 
     def visit(name: str, module: nn.Module, owner: str) -> None:
+        if any(module is m for m in ignored):
+            return
         if name and policy(module, recurse=False):
             owner = name
         units.setdefault(owner, []).extend(module.parameters(recurse=False))
@@ -34,20 +37,19 @@ def fsdp_units(root: nn.Module, policy: FSDPBlockPolicy) -> dict[str, list[nn.Pa
 
 
 @pytest.mark.parametrize("factory,blocks", [(bert, 2), (gpt2, 2), (llama, 2), (vit, 2)], ids=["bert", "gpt2", "llama", "timm-vit"])
-def test_policy_keeps_trainable_and_frozen_parameters_in_separate_units(factory, blocks):
+def test_sharded_units_hold_only_frozen_weights_and_the_adapters_are_replicated(factory, blocks):
     model = factory()
     inject(model, LoRAConfig(r=4, target_modules="all-linear"))
     policy = FSDPBlockPolicy()
-    wrapped = [m for m in model.modules() if policy.wraps(m)]
-    assert sum(not isinstance(m, AdapterDict) for m in wrapped) == blocks
-    assert sum(isinstance(m, AdapterDict) for m in wrapped) == sum(isinstance(m, AdapterDict) for m in model.modules()) > 0
-    units = fsdp_units(model, policy)
-    mixed = [name for name, params in units.items() if len({p.requires_grad for p in params}) > 1]
-    assert not mixed, f"units mixing frozen and trainable parameters: {mixed}"
-    assert any(all(p.requires_grad for p in params) for params in units.values())
-    # control: blocks alone put the adapters into the blocks' flat parameters (pytorch #100945, litgpt #1417)
-    blocks_only = fsdp_units(model, FSDPBlockPolicy(wrap_adapters=False))
-    assert any(len({p.requires_grad for p in params}) > 1 for params in blocks_only.values())
+    assert sum(policy.wraps(m) for m in model.modules()) == blocks
+    replicated = replicated_modules(model)
+    assert replicated and all(isinstance(m, AdapterDict) for m in replicated)
+    units = fsdp_units(model, policy, ignored=replicated)
+    assert all(not p.requires_grad for params in units.values() for p in params)
+    kept = {id(p) for m in replicated for p in m.parameters()}
+    assert kept == {id(p) for p in model.parameters() if p.requires_grad}
+    # control: without ignoring the adapters, the blocks' flat parameters mix them in (pytorch #100945, litgpt #1417)
+    assert any(len({p.requires_grad for p in params}) > 1 for params in fsdp_units(model, policy).values())
 
 
 def test_policy_recurses_and_matches_block_names():
@@ -76,3 +78,25 @@ def test_adapter_only_checkpoints_are_refused_under_fsdp_with_the_alternative():
     trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[callback])
     with pytest.raises(ValueError, match="not supported with FSDP yet.*adapter_only_checkpoint=False"):
         callback.setup(trainer, bert(), "fit")
+
+
+def test_the_callback_makes_the_adapters_fsdp_ignored_states_before_wrapping():
+    callback = PEFT(LoRAConfig(r=2, target_modules=["query", "value"]), adapter_only_checkpoint=False, verbose=False)
+    strategy = FSDPStrategy(auto_wrap_policy=FSDPBlockPolicy(), parallel_devices=[torch.device("cpu")])
+    model = pl.LightningModule()
+    model.model = bert()
+    trainer = SimpleNamespace(strategy=strategy, callbacks=[callback])
+    callback.setup(trainer, model, "fit")
+    ignored = strategy.kwargs["ignored_states"]
+    assert [id(m) for m in ignored] == [id(m) for m in replicated_modules(model)] and len(ignored) >= 4
+    callback.setup(trainer, model, "fit")  # validate after fit: nothing added twice
+    assert len(strategy.kwargs["ignored_states"]) == len(ignored)
+
+
+def test_replicated_gradients_are_left_alone_without_a_process_group():
+    model = bert()
+    inject(model, LoRAConfig(r=2, target_modules=["query"]))
+    model(torch.randint(0, 50, (2, 5))).logits.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert sync_replicated_gradients(model) == 0
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if p.grad is not None)

@@ -33,7 +33,7 @@ from ..peft.layer import AdapterDict, adapter_layers
 from ..peft.model import inject, list_adapters, set_adapter
 from ..peft.quantization import base_weight_memory
 from ..peft.registry import config_from_dict
-from ..sharding import gathered_parameters
+from ..sharding import gathered_parameters, replicated_modules, sync_replicated_gradients
 
 __all__ = ["PEFT"]
 
@@ -167,9 +167,11 @@ class PEFT(pl.Callback):
             if self._checkpoints is not None:
                 self._checkpoints.attach(pl_module)
             self._frozen_batchnorms = [] if self.train_bn else frozen_batchnorms(pl_module)
+            self._replicate_under_fsdp(trainer, pl_module)
             return
         inject(pl_module, self.config, self.adapter_name)
         self._frozen_batchnorms = [] if self.train_bn else frozen_batchnorms(pl_module)
+        self._replicate_under_fsdp(trainer, pl_module)
         others = [c for c in trainer.callbacks if isinstance(c, PEFT) and c is not self and c.adapter_name in list_adapters(pl_module)]
         if others:  # several PEFT callbacks: every injected adapter stays active and trains
             set_adapter(pl_module, list(dict.fromkeys([*(c.adapter_name for c in others), self.adapter_name])))
@@ -187,6 +189,30 @@ class PEFT(pl.Callback):
             )
             if self._frozen_batchnorms:
                 rank_zero_info(f"PEFT: {len(self._frozen_batchnorms)} BatchNorm layers of the frozen base stay in eval mode (train_bn=False)")
+
+    # --- FSDP: the base is sharded, the adapters are replicated --------------------------------
+
+    @staticmethod
+    def _replicate_under_fsdp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under ``FSDPStrategy`` (before it wraps the model): the adapters become FSDP ``ignored_states`` on the root device.
+
+        FSDP then shards only the frozen base (uniform ``requires_grad`` in every flat parameter), and the
+        adapters stay whole on every rank; their gradients are averaged in ``on_before_optimizer_step``.
+        """
+        strategy = trainer.strategy
+        if not isinstance(strategy, FSDPStrategy) or strategy.model is not None and strategy.model is not pl_module:
+            return  # not FSDP, or already wrapped
+        key = "ignored_modules" if strategy.kwargs.get("ignored_modules") is not None else "ignored_states"
+        ignored = list(strategy.kwargs.get(key) or [])
+        ignored += [m for m in replicated_modules(pl_module) if not any(m is i for i in ignored)]
+        strategy.kwargs[key] = ignored
+        for module in ignored:
+            if isinstance(module, nn.Module):
+                module.to(strategy.root_device)  # FSDP moves only what it manages
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy) and self is next(c for c in trainer.callbacks if isinstance(c, PEFT)):
+            sync_replicated_gradients(pl_module)  # once for all adapters, before gradient clipping
 
     # --- BatchNorm of the frozen base -----------------------------------------------------------
 
