@@ -13,7 +13,7 @@ from .layer_groups import LayerGroup
 from .matching import name_matches
 from .param_groups import Placement, Plan
 
-__all__ = ["layer_lr_scales", "discriminative_plan", "is_no_decay"]
+__all__ = ["discriminative_plan", "is_no_decay", "layer_lr_scales"]
 
 
 def layer_lr_scales(groups: Sequence[LayerGroup], decay: float, head_lr_mult: float = 1.0) -> dict[str, float]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["distributed_world_size", "all_reduce_mean_", "all_reduce_grads_mean_"]
+__all__ = ["all_reduce_grads_mean_", "all_reduce_mean_", "distributed_world_size"]
 
 
 def distributed_world_size() -> int:

@@ -214,7 +214,7 @@ class FeatureStore:
             return None, "missing"
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - truncated or garbled: zip/pickle errors of every kind
+        except Exception as err:
             return None, f"corrupt (unreadable: {type(err).__name__}: {str(err)[:120]})"
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("version") != VERSION:
             return None, "corrupt (not a lightning_peft feature cache of this version)"

@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layer_groups import LayerGroup, named_parameters
 
-__all__ = ["freeze", "unfreeze", "set_batchnorm_eval", "LayerFreezer"]
+__all__ = ["LayerFreezer", "freeze", "set_batchnorm_eval", "unfreeze"]
 
 
 def freeze(modules: Iterable[nn.Module]) -> int:

@@ -15,8 +15,15 @@ import os
 from pathlib import Path
 
 __all__ = [
-    "OFFLINE_MODELS", "resolve_pretrained", "load_backbone", "load_tokenizer",
-    "OFFLINE_TIMM_WEIGHTS", "packaged_timm_weights", "load_timm_model", "read_state_dict", "load_weights_by_order",
+    "OFFLINE_MODELS",
+    "OFFLINE_TIMM_WEIGHTS",
+    "load_backbone",
+    "load_timm_model",
+    "load_tokenizer",
+    "load_weights_by_order",
+    "packaged_timm_weights",
+    "read_state_dict",
+    "resolve_pretrained",
 ]
 
 # hub id -> (package that ships the files, folder inside that package)

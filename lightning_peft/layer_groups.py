@@ -26,7 +26,7 @@ from torch import nn
 from .backbone import find_backbone
 from .matching import format_names, match_module_names
 
-__all__ = ["LayerGroup", "layer_groups", "format_layer_groups", "named_parameters"]
+__all__ = ["LayerGroup", "format_layer_groups", "layer_groups", "named_parameters"]
 
 HEAD = "head"
 

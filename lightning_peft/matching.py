@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-__all__ = ["name_matches", "match_module_names", "format_names", "clean_name"]
+__all__ = ["clean_name", "format_names", "match_module_names", "name_matches"]
 
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 

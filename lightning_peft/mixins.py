@@ -18,7 +18,7 @@ from .peft.io import save_adapter
 from .peft.model import inject, list_adapters
 from .peft.registry import config_from_dict
 
-__all__ = ["FinetuningConfig", "FinetuningMixin", "OPTIMIZERS", "PEFTMixin"]
+__all__ = ["OPTIMIZERS", "FinetuningConfig", "FinetuningMixin", "PEFTMixin"]
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -45,7 +45,7 @@ class FinetuningConfig:
     backbone: str | list[str] | None = None
 
     @classmethod
-    def coerce(cls, value: "FinetuningConfig | Mapping[str, Any] | None") -> "FinetuningConfig":
+    def coerce(cls, value: FinetuningConfig | Mapping[str, Any] | None) -> FinetuningConfig:
         """Accept a config, a mapping (e.g. from Hydra or ``hparams``) or ``None`` (defaults); reject unknown keys."""
         if value is None:
             return cls()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Placement", "split_param_group", "regroup_optimizer", "add_param_group", "LAYER_GROUP_KEY"]
+__all__ = ["LAYER_GROUP_KEY", "Placement", "add_param_group", "regroup_optimizer", "split_param_group"]
 
 LAYER_GROUP_KEY = "layer_group"  # written into each edited param group
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.metrics_json import _scalars
 
-__all__ = ["train", "instantiate_callbacks"]
+__all__ = ["instantiate_callbacks", "train"]
 
 log = logging.getLogger(__name__)
 

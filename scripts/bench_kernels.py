@@ -161,7 +161,7 @@ def run_lora(M, K, N, args, results, checks):
     try:
         m, params = peft_lora(K, N, dev, dt)
         rows.append(("hf_peft", m, params))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print(f"  hf_peft skipped: {type(e).__name__}: {e}"[:200], flush=True)
     measure("lora", M, K, N, rows, x, dy, args, results)
 
@@ -205,7 +205,7 @@ def measure(kind, M, K, N, rows, x, dy, args, results):
         os.environ.update(env[0] if env else {})
         try:
             t_fb, t_f, peak = bench(step, params, x, dy, args.rep)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             print(f"  {kind} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         finally:
@@ -279,7 +279,7 @@ def main() -> int:
         import peft
 
         env["peft"] = peft.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         env["peft"] = None
     print(json.dumps(env), flush=True)
     results, checks = [], []

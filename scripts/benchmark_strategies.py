@@ -14,6 +14,7 @@ Finished runs are reused (their ``metrics.json`` is read again), so an interrupt
     python scripts/benchmark_strategies.py                                  # full budget, 3 seeds -> docs/results/bbc_news
     python scripts/benchmark_strategies.py --quick --methods full,lora --out /tmp/bench
     python scripts/benchmark_strategies.py --list                           # the methods and their overrides
+    python scripts/benchmark_strategies.py --finished-only                  # the table from the runs finished so far
     python scripts/benchmark_strategies.py --task mnist                     # EfficientNet-Lite0 on MNIST 5k -> docs/results/mnist
 
 Tasks: ``bbc_news`` (default; all-MiniLM-L6-v2 on BBC News) and ``mnist`` (EfficientNet-Lite0, ImageNet
@@ -179,11 +180,11 @@ def summarise(runs: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[s
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], seeds: int) -> str:
-    head = (f"| method | val accuracy (mean ± std, {seeds} seeds) | macro-F1 | trainable | % | saved | s / epoch | peak memory |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| method | seeds | val accuracy (mean ± std) | macro-F1 | trainable | % | saved | s / epoch | peak memory |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
-        f"| {r['label']} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} | {r['f1_mean']:.3f} ± {r['f1_std']:.3f} | "
+        f"| {r['label']} | {r['seeds']} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} | {r['f1_mean']:.3f} ± {r['f1_std']:.3f} | "
         f"{r['trainable']:,} | {r['trainable_pct']:.3f} | {_size(r['saved_MiB'])} | {r['epoch_seconds']:.0f} | {r['peak_memory_MiB']:,.0f} MiB |\n"
         for r in rows
     )
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", help="output folder (default: docs/results/<task>)")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     parser.add_argument("--list", action="store_true", help="print the methods and their overrides")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: summarise the runs already finished (methods with none are listed as not run)")
     args = parser.parse_args(argv)
     task = TASKS[args.task]
     methods = available_methods(task.methods)
@@ -267,13 +270,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in chosen:
         for seed in seeds:
             run_dir = out / "runs" / f"{method}-seed{seed}"
+            if args.finished_only and not (run_dir / "benchmark_done").exists():
+                continue
             start = time.perf_counter()
             result = run_one(method, methods[method][1], seed, budget, args.extra, run_dir, out / "runs" / f"{method}-seed{seed}.log")
             runs.append(result)
             print(f"{method:<18} seed {seed}: val/acc {result['val_acc']:.4f}  macro-F1 {result['val_f1']:.4f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if not runs:
+        raise SystemExit(f"no finished runs in {out / 'runs'} for methods {chosen} and seeds {seeds}")
     rows = summarise(runs, {m: methods[m][0] for m in chosen})
-    table = markdown(rows, len(seeds))
+    not_run = [m for m in chosen if all(r["method"] != m for r in runs)]
+    table = markdown(rows) + (f"\nNot run yet: {', '.join(not_run)}.\n" if not_run else "")
     meta = {
         "task": task.description if not args.extra else f"{task.description}; overrides {args.extra}",
         "budget": budget_name, "overrides": budget + COMMON + args.extra, "seeds": seeds,

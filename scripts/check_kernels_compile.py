@@ -173,7 +173,7 @@ def main() -> int:
                 t0 = time.time()
                 try:
                     ck = compile_one(kernel, largs, lkwargs, cfg, args.arch)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     failures += 1
                     print(f"FAIL {dname} {name} {cfg}: {type(e).__name__}: {str(e)[:800]}", flush=True)
                     continue

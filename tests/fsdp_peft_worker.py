@@ -24,7 +24,13 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel
 
-from lightning_peft import PEFT, AdapterConfig, FSDPBlockPolicy, LoRAConfig, gathered_parameters
+from lightning_peft import (
+    PEFT,
+    AdapterConfig,
+    FSDPBlockPolicy,
+    LoRAConfig,
+    gathered_parameters,
+)
 from lightning_peft.matching import clean_name
 
 

@@ -70,6 +70,12 @@ def test_benchmark_strategies_quick_budget_on_two_methods(tmp_path):
     # a second call reuses the finished runs instead of training again
     again = _script("benchmark_strategies").main(["--quick", "--methods", "lora", "--seeds", "0", "--out", str(tmp_path)])
     assert again["runs"][0]["val_acc"] == result["runs"][1]["val_acc"]
+    # --finished-only trains nothing: the table holds what finished, the rest is listed as not run
+    summary = _script("benchmark_strategies").main(
+        ["--quick", "--finished-only", "--methods", "full,lora,bitfit", "--seeds", "0,1", "--out", str(tmp_path)])
+    assert [(r["method"], r["seeds"]) for r in summary["rows"]] == [("full", 1), ("lora", 1)]
+    assert not (tmp_path / "runs" / "bitfit-seed0").exists() and not (tmp_path / "runs" / "lora-seed1").exists()
+    assert "Not run yet: bitfit." in (tmp_path / "results.md").read_text()
 
 
 def test_benchmark_strategies_vision_task_quick_budget_on_two_methods(tmp_path):

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO, tiny_overrides, tiny_vision_overrides
 from hydra.utils import instantiate
 
-from conftest import CONFIGS, REPO, tiny_overrides, tiny_vision_overrides
 from lightning_peft import FreezeBackbone, ImageClassifier, TextClassifier
 from lightning_peft.hub import package_dir
 from lightning_peft.training import instantiate_callbacks

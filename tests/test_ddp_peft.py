@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_ddp import RANK_VARIABLES, _free_port
 
 WORKER = Path(__file__).with_name("ddp_peft_worker.py")

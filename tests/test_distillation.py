@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
+from helpers import VisionClassifier, fit, image_loader
 from torch import nn
 
-from helpers import VisionClassifier, fit, image_loader
 from lightning_peft import (
     Distillation,
     TextClassificationDataModule,

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import VisionClassifier, fit, image_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import VisionClassifier, fit, image_loader
 from lightning_peft import (
     FeatureCache,
     FeatureSet,

@@ -7,12 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import VisionClassifier, fit, image_loader, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel
 
-from helpers import VisionClassifier, fit, image_loader, snapshot
-from lightning_peft import DiscriminativeLR, FinetuningConfig, FinetuningMixin, FreezeBackbone, GradualUnfreezing, layer_lr_scales
+from lightning_peft import (
+    DiscriminativeLR,
+    FinetuningConfig,
+    FinetuningMixin,
+    FreezeBackbone,
+    GradualUnfreezing,
+    layer_lr_scales,
+)
 
 BERT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torchvision
+from helpers import VisionClassifier, fit, image_loader, snapshot
 from torch import nn
 
-from helpers import VisionClassifier, fit, image_loader, snapshot
 from lightning_peft import FreezeBackbone
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ddp import RANK_VARIABLES, _free_port
 
 from lightning_peft import list_adapters, load_adapter
-from test_ddp import RANK_VARIABLES, _free_port
 
 WORKER = Path(__file__).with_name("fsdp_peft_worker.py")
 PHASES = ("fsdp", "fsdp-adapter", "ddp")

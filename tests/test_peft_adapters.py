@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import bert, gpt2, llama, output, randomize, resnet, token_batch, vit
 from torch import nn
 
 from lightning_peft import (
-    BitFitConfig, IA3Config, LoRAConfig, active_adapters, adapter_batch, count_parameters, delete_adapter,
-    disable_adapters, inject, list_adapters, merge, set_adapter, unmerge,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    active_adapters,
+    adapter_batch,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    list_adapters,
+    merge,
+    set_adapter,
+    unmerge,
 )
 from lightning_peft.peft import AdapterLayer
 from lightning_peft.peft.targeting import all_linear_modules, head_modules
-from tiny_models import bert, gpt2, llama, output, randomize, resnet, token_batch, vit
 
 
 def wrapped(model: nn.Module, method: str | None = None) -> list[str]:

@@ -8,15 +8,26 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import MODELS, bert, gpt2, llama, output, randomize, token_batch
 from torch import nn
 
 from lightning_peft import (
-    AdapterConfig, LoRAConfig, adapter_batch, count_parameters, delete_adapter, disable_adapters, inject, list_adapters,
-    load_adapter, merge, merge_and_unload, save_adapter, set_adapter,
+    AdapterConfig,
+    LoRAConfig,
+    adapter_batch,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    list_adapters,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    save_adapter,
+    set_adapter,
 )
 from lightning_peft.peft import AdapterLayer
 from lightning_peft.peft.bottleneck import BottleneckLayer
-from tiny_models import MODELS, bert, gpt2, llama, output, randomize, token_batch
 
 
 def sites(model: nn.Module) -> dict[str, str]:

@@ -16,7 +16,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel
 
 from lightning_peft import (
-    PEFT, BitFitConfig, DiscriminativeLR, GradualUnfreezing, IA3Config, LoRAConfig, PEFTMixin, QLoRAConfig, inject, list_adapters,
+    PEFT,
+    BitFitConfig,
+    DiscriminativeLR,
+    GradualUnfreezing,
+    IA3Config,
+    LoRAConfig,
+    PEFTMixin,
+    QLoRAConfig,
+    inject,
+    list_adapters,
     load_adapter,
 )
 from lightning_peft.peft import AdapterLayer

@@ -9,13 +9,21 @@ from collections import OrderedDict
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import MODELS, bert, gpt2, llama, output, randomize
 from torch import nn
 
 from lightning_peft import (
-    BitFitConfig, IA3Config, LoRAConfig, export_peft, import_peft, inject, list_adapters, load_adapter, save_adapter,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    export_peft,
+    import_peft,
+    inject,
+    list_adapters,
+    load_adapter,
+    save_adapter,
 )
 from lightning_peft.peft import AdapterLayer, adapter_state_dict
-from tiny_models import MODELS, bert, gpt2, llama, output, randomize
 
 peft = pytest.importorskip("peft")
 

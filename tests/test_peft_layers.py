@@ -8,11 +8,19 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import MODELS, output, randomize
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_peft import BitFitConfig, IA3Config, LoRAConfig, inject, merge, merge_and_unload, unmerge
-from tiny_models import MODELS, output, randomize
+from lightning_peft import (
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    inject,
+    merge,
+    merge_and_unload,
+    unmerge,
+)
 
 
 def holder(**layers: nn.Module) -> nn.Module:

@@ -14,17 +14,31 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
+from tiny_models import gpt2, llama, randomize, token_batch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel, DynamicCache
 
 from lightning_peft import (
-    PEFT, AdapterConfig, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, PTuningV2Config, adapter_batch,
-    delete_adapter, disable_adapters, inject, list_adapters, load_adapter, merge, save_adapter, set_adapter,
+    PEFT,
+    AdapterConfig,
+    LoRAConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    PTuningV2Config,
+    adapter_batch,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    list_adapters,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
 )
 from lightning_peft.peft import AdapterLayer
 from lightning_peft.peft.prompt import PromptLayer
-from tiny_models import gpt2, llama, randomize, token_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 
@@ -212,7 +226,7 @@ def test_save_writes_the_inference_form_and_loads_with_identical_outputs(method,
 
 
 def test_prefix_checkpoints_keep_the_reparameterisation_and_resume_exactly(tmp_path):
-    config = lambda: PrefixTuningConfig(num_virtual_tokens=3, projection_hidden=8)  # noqa: E731
+    config = lambda: PrefixTuningConfig(num_virtual_tokens=3, projection_hidden=8)
 
     def run(steps, ckpt_path=None):
         model = Classifier()

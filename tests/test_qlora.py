@@ -10,14 +10,30 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import llama, output, randomize, token_batch
 from torch import nn
 
 from lightning_peft import (
-    PEFT, LoRAConfig, QLoRAConfig, QuantSpec, base_weight_memory, count_parameters, disable_adapters, export_peft, inject, load_adapter,
-    merge, merge_and_dequantize, save_adapter,
+    PEFT,
+    LoRAConfig,
+    QLoRAConfig,
+    QuantSpec,
+    base_weight_memory,
+    count_parameters,
+    disable_adapters,
+    export_peft,
+    inject,
+    load_adapter,
+    merge,
+    merge_and_dequantize,
+    save_adapter,
 )
-from lightning_peft.peft.quantization import dequantized_weight, is_quantized, keep_layout, quantize_linear
-from tiny_models import llama, output, randomize, token_batch
+from lightning_peft.peft.quantization import (
+    dequantized_weight,
+    is_quantized,
+    keep_layout,
+    quantize_linear,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 

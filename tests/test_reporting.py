@@ -3,10 +3,15 @@
 import json
 
 import torch
+from helpers import VisionClassifier, fit, image_loader
 from torch import nn
 
-from helpers import VisionClassifier, fit, image_loader
-from lightning_peft import FreezeBackbone, MetricsJSON, ParameterSummary, count_parameters
+from lightning_peft import (
+    FreezeBackbone,
+    MetricsJSON,
+    ParameterSummary,
+    count_parameters,
+)
 from lightning_peft.io import atomic_write_json
 
 

@@ -11,12 +11,20 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from tiny_models import bert, gpt2, llama, vit
 from torch import nn
 
-from lightning_peft import PEFT, FSDPBlockPolicy, LoRAConfig, gathered_parameters, inject, replicated_modules, sync_replicated_gradients
+from lightning_peft import (
+    PEFT,
+    FSDPBlockPolicy,
+    LoRAConfig,
+    gathered_parameters,
+    inject,
+    replicated_modules,
+    sync_replicated_gradients,
+)
 from lightning_peft.matching import clean_name
 from lightning_peft.peft.layer import AdapterDict
-from tiny_models import bert, gpt2, llama, vit
 
 
 def fsdp_units(root: nn.Module, policy: FSDPBlockPolicy, ignored: list[nn.Module] = ()) -> dict[str, list[nn.Parameter]]:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REPO, tiny_overrides
 from test_ddp import RANK_VARIABLES, _free_port
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from lightning_peft import TextClassifier, inject, list_adapters, load_adapter
 from lightning_peft.peft import adapter_state_dict, config_from_dict
 from lightning_peft.training import train

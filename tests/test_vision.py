@@ -12,9 +12,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_vision_overrides
 from torch import nn
 
-from conftest import tiny_vision_overrides
 from lightning_peft import (
     PEFT,
     BitFitConfig,
@@ -24,13 +24,13 @@ from lightning_peft import (
     ImageClassifier,
     LoRAConfig,
     find_backbone,
+    hub,
     inject,
     layer_groups,
     load_timm_model,
     merge,
     unmerge,
 )
-from lightning_peft import hub
 from lightning_peft.data import images as image_data
 from lightning_peft.peft.layer import adapter_layers
 

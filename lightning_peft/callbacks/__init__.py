@@ -11,14 +11,14 @@ from .parameter_summary import ParameterSummary
 from .peft import PEFT
 
 __all__ = [
+    "L2SP",
+    "PEFT",
     "DiscriminativeLR",
     "Distillation",
     "FeatureCache",
     "FeatureCacheStats",
     "FreezeBackbone",
     "GradualUnfreezing",
-    "L2SP",
     "MetricsJSON",
-    "PEFT",
     "ParameterSummary",
 ]

@@ -11,7 +11,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ..distillation import hidden_state_loss, load_teacher, output_width, soft_target_loss
+from ..distillation import (
+    hidden_state_loss,
+    load_teacher,
+    output_width,
+    soft_target_loss,
+)
 from ..distributed import all_reduce_grads_mean_
 from ..matching import match_module_names
 from ..param_groups import add_param_group

@@ -33,7 +33,11 @@ from ..peft.layer import AdapterDict, adapter_layers
 from ..peft.model import inject, list_adapters, set_adapter
 from ..peft.quantization import base_weight_memory
 from ..peft.registry import config_from_dict
-from ..sharding import gathered_parameters, replicated_modules, sync_replicated_gradients
+from ..sharding import (
+    gathered_parameters,
+    replicated_modules,
+    sync_replicated_gradients,
+)
 
 __all__ = ["PEFT"]
 

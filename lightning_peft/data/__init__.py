@@ -6,6 +6,15 @@ from .images import IMAGE_DATASETS, ImageDataset, load_image_dataset
 from .text_datamodule import TextClassificationDataModule
 
 __all__ = [
-    "DATASETS", "IMAGE_DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageClassificationDataModule", "ImageDataset",
-    "TextDataset", "TextClassificationDataModule", "load_image_dataset", "load_text_dataset", "stratified_split",
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_DATASETS",
+    "ImageClassificationDataModule",
+    "ImageDataset",
+    "TextClassificationDataModule",
+    "TextDataset",
+    "load_image_dataset",
+    "load_text_dataset",
+    "stratified_split",
 ]

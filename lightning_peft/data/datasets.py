@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..hub import package_dir
 
-__all__ = ["TextDataset", "DATASETS", "load_text_dataset", "stratified_split"]
+__all__ = ["DATASETS", "TextDataset", "load_text_dataset", "stratified_split"]
 
 
 @dataclass
@@ -25,7 +25,7 @@ class TextDataset:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
 
-    def subset(self, indices: list[int]) -> "TextDataset":
+    def subset(self, indices: list[int]) -> TextDataset:
         return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 
 

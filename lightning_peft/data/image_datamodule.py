@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from .datasets import stratified_split
 from .images import ImageDataset, load_image_dataset
 
-__all__ = ["ImageClassificationDataModule", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageClassificationDataModule"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

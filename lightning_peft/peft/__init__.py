@@ -4,7 +4,7 @@
 >>> save_adapter(model, "adapter/")                 # doctest: +SKIP
 """
 
-from . import bitfit, bottleneck, ia3, lora, modules_to_save, prefix, prompt, qlora  # noqa: F401  (each registers its method)
+from . import bitfit, bottleneck, ia3, lora, modules_to_save, prefix, prompt, qlora
 from .bitfit import BitFitConfig
 from .bottleneck import AdapterConfig
 from .config import ALL_LINEAR, MethodConfig
@@ -12,21 +12,70 @@ from .ia3 import IA3Config
 from .io import adapter_config, export_peft, import_peft, load_adapter, save_adapter
 from .layer import AdapterLayer, adapter_layers
 from .lora import LoRAConfig
-from .qlora import QLoRAConfig
-from .quantization import MergeReport, QuantMemory, QuantSpec, base_weight_memory, dequantize_model, merge_and_dequantize
 from .model import (
-    active_adapters, adapter_batch, adapter_parameters, adapter_state_dict, delete_adapter, disable_adapters, inject,
-    list_adapters, merge, merge_and_unload, set_adapter, unmerge,
+    active_adapters,
+    adapter_batch,
+    adapter_parameters,
+    adapter_state_dict,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    list_adapters,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unmerge,
 )
 from .prefix import PrefixTuningConfig, PTuningV2Config
 from .prompt import PromptTuningConfig, PTuningConfig
+from .qlora import QLoRAConfig
+from .quantization import (
+    MergeReport,
+    QuantMemory,
+    QuantSpec,
+    base_weight_memory,
+    dequantize_model,
+    merge_and_dequantize,
+)
 from .registry import METHODS, config_from_dict
 
 __all__ = [
-    "AdapterConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig", "PTuningV2Config",
-    "ALL_LINEAR", "AdapterLayer", "BitFitConfig", "IA3Config", "LoRAConfig", "METHODS", "MergeReport", "MethodConfig",
-    "QLoRAConfig", "QuantMemory", "QuantSpec", "base_weight_memory", "dequantize_model", "merge_and_dequantize",
-    "active_adapters", "adapter_batch", "adapter_config", "adapter_layers", "adapter_parameters", "adapter_state_dict",
-    "config_from_dict", "delete_adapter", "disable_adapters", "export_peft", "import_peft", "inject", "list_adapters",
-    "load_adapter", "merge", "merge_and_unload", "save_adapter", "set_adapter", "unmerge",
+    "ALL_LINEAR",
+    "METHODS",
+    "AdapterConfig",
+    "AdapterLayer",
+    "BitFitConfig",
+    "IA3Config",
+    "LoRAConfig",
+    "MergeReport",
+    "MethodConfig",
+    "PTuningConfig",
+    "PTuningV2Config",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "QLoRAConfig",
+    "QuantMemory",
+    "QuantSpec",
+    "active_adapters",
+    "adapter_batch",
+    "adapter_config",
+    "adapter_layers",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "base_weight_memory",
+    "config_from_dict",
+    "delete_adapter",
+    "dequantize_model",
+    "disable_adapters",
+    "export_peft",
+    "import_peft",
+    "inject",
+    "list_adapters",
+    "load_adapter",
+    "merge",
+    "merge_and_dequantize",
+    "merge_and_unload",
+    "save_adapter",
+    "set_adapter",
+    "unmerge",
 ]

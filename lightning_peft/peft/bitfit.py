@@ -23,7 +23,7 @@ from .layer import AdapterLayer
 from .registry import Site, register_layer, register_method
 from .targeting import has_bias, resolve_targets
 
-__all__ = ["BitFitConfig", "BitFitLayer", "BiasDelta"]
+__all__ = ["BiasDelta", "BitFitConfig", "BitFitLayer"]
 
 # Layers whose output keeps channels in dimension 1 (N, C, ...); all others keep them last.
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)

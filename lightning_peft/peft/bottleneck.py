@@ -35,9 +35,16 @@ from ..matching import format_names, name_matches
 from .config import MethodConfig
 from .layer import AdapterLayer
 from .registry import Site, register_layer, register_method
-from .targeting import _model_key, base_module, hf_models, is_conv1d, is_linear, resolve_targets
+from .targeting import (
+    _model_key,
+    base_module,
+    hf_models,
+    is_conv1d,
+    is_linear,
+    resolve_targets,
+)
 
-__all__ = ["AdapterConfig", "Bottleneck", "BottleneckLayer", "BlockLayout", "BOTTLENECK_LAYOUTS", "PLACEMENTS"]
+__all__ = ["BOTTLENECK_LAYOUTS", "PLACEMENTS", "AdapterConfig", "BlockLayout", "Bottleneck", "BottleneckLayer"]
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 MODES = ("output", "parallel", "residual_arg")

@@ -19,7 +19,7 @@ from torch import nn
 from ..matching import clean_name
 from .model import adapter_parameters
 
-__all__ = ["AdapterOnlyCheckpoints", "adapter_only_state_dict", "base_fingerprint", "FINGERPRINT_KEY"]
+__all__ = ["FINGERPRINT_KEY", "AdapterOnlyCheckpoints", "adapter_only_state_dict", "base_fingerprint"]
 
 FINGERPRINT_KEY = "__lightning_peft__.base_fingerprint"
 

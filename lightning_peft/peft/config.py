@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["MethodConfig", "ALL_LINEAR", "AUTO"]
+__all__ = ["ALL_LINEAR", "AUTO", "MethodConfig"]
 
 ALL_LINEAR = "all-linear"  # every linear layer of the pretrained backbone, not the output head
 AUTO = "auto"  # modules_to_save: the task head found automatically

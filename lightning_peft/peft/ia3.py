@@ -21,7 +21,7 @@ from .quantization import is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, is_linear, resolve_targets
 
-__all__ = ["IA3Config", "IA3", "IA3Layer", "IA3_DEFAULTS"]
+__all__ = ["IA3", "IA3_DEFAULTS", "IA3Config", "IA3Layer"]
 
 _BERT_FFN_OUT = r"re:.*layer\.\d+\.output\.dense"
 # model type -> (target modules, of which feed-forward modules)

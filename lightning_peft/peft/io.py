@@ -30,11 +30,20 @@ from ..matching import format_names
 from .config import MethodConfig
 from .layer import adapter_layers
 from .lora import LoRAConfig, lora_kind
-from .model import adapter_sites, adapter_state_dict, apply_sites, delete_adapter, install_input_grad_hooks, list_adapters, set_adapter, unmerged
+from .model import (
+    adapter_sites,
+    adapter_state_dict,
+    apply_sites,
+    delete_adapter,
+    install_input_grad_hooks,
+    list_adapters,
+    set_adapter,
+    unmerged,
+)
 from .registry import Site, config_from_dict, method_for
 from .targeting import base_module, hf_models
 
-__all__ = ["save_adapter", "load_adapter", "export_peft", "import_peft", "adapter_config"]
+__all__ = ["adapter_config", "export_peft", "import_peft", "load_adapter", "save_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +317,7 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     else:
         raise FileNotFoundError(f"{path} has {PEFT_CONFIG} but neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN}")
     root = _peft_root(model, root)
-    absolute = lambda rel: f"{root}.{rel}" if root else rel  # noqa: E731
+    absolute = lambda rel: f"{root}.{rel}" if root else rel
     tensors: dict[str, torch.Tensor] = {}
     for key, value in file_tensors.items():
         if not key.startswith(PEFT_PREFIX):

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["AdapterDict", "AdapterLayer", "Route", "validate_adapter_name", "adapter_layers"]
+__all__ = ["AdapterDict", "AdapterLayer", "Route", "adapter_layers", "validate_adapter_name"]
 
 Route = tuple[tuple[str, ...], "torch.Tensor | None"]  # (adapter names, sample indices or None = whole batch)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")

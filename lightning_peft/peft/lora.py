@@ -22,7 +22,7 @@ from .quantization import is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
 
-__all__ = ["LoRAConfig", "LoRA", "LoRALayer", "lora_kind", "LORA_DEFAULT_TARGETS"]
+__all__ = ["LORA_DEFAULT_TARGETS", "LoRA", "LoRAConfig", "LoRALayer", "lora_kind"]
 
 # Defaults per transformers model type (as in PEFT), timm class otherwise.
 LORA_DEFAULT_TARGETS: dict[str, list[str]] = {

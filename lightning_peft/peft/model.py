@@ -22,12 +22,29 @@ from .layer import AdapterLayer, adapter_layers, validate_adapter_name
 from .modules_to_save import ModulesToSaveLayer
 from .registry import LAYERS, Site, method_for
 from .surgery import replace_module
-from .targeting import base_module, candidate_modules, hf_models, resolve_modules_to_save
+from .targeting import (
+    base_module,
+    candidate_modules,
+    hf_models,
+    resolve_modules_to_save,
+)
 
 __all__ = [
-    "inject", "apply_sites", "adapter_sites", "set_adapter", "list_adapters", "active_adapters", "disable_adapters",
-    "delete_adapter", "adapter_batch", "merge", "unmerge", "merge_and_unload", "adapter_state_dict",
-    "adapter_parameters", "unmerged",
+    "active_adapters",
+    "adapter_batch",
+    "adapter_parameters",
+    "adapter_sites",
+    "adapter_state_dict",
+    "apply_sites",
+    "delete_adapter",
+    "disable_adapters",
+    "inject",
+    "list_adapters",
+    "merge",
+    "merge_and_unload",
+    "set_adapter",
+    "unmerge",
+    "unmerged",
 ]
 
 log = logging.getLogger(__name__)

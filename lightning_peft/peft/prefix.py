@@ -22,7 +22,7 @@ from torch import nn
 from .prompt import PromptMethodConfig, prompt_target
 from .registry import Site, register_method
 
-__all__ = ["PrefixTuningConfig", "PTuningV2Config", "prefix_spec"]
+__all__ = ["PTuningV2Config", "PrefixTuningConfig", "prefix_spec"]
 
 
 @dataclass

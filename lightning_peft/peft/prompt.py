@@ -61,7 +61,12 @@ from .registry import Site, register_layer, register_method
 from .targeting import base_module, hf_models, resolve_targets
 
 __all__ = [
-    "PromptTuningConfig", "PTuningConfig", "PromptEncoder", "PromptLayer", "prompt_target", "ENCODERS",
+    "ENCODERS",
+    "PTuningConfig",
+    "PromptEncoder",
+    "PromptLayer",
+    "PromptTuningConfig",
+    "prompt_target",
 ]
 
 ENCODERS = ("none", "mlp", "lstm", "prefix_mlp")
@@ -369,7 +374,7 @@ class PromptLayer(AdapterLayer):
                 f"{length} tokens + {k} virtual tokens exceed the {limit} positions of {type(base).__name__}; shorten the inputs "
                 "(e.g. data.max_length) or use fewer virtual tokens"
             )
-        ones = lambda n: torch.ones(batch, n, dtype=mask.dtype if mask is not None else torch.long, device=device)  # noqa: E731
+        ones = lambda n: torch.ones(batch, n, dtype=mask.dtype if mask is not None else torch.long, device=device)
         position_ids = kw.get("position_ids")
         if past > 0:  # a continuation: the cache already holds the virtual tokens
             if mask is not None:

@@ -15,9 +15,19 @@ from dataclasses import dataclass
 from torch import nn
 
 from .lora import LoRAConfig, plan_lora
-from .quantization import QuantSpec, is_quantized, quantize_modules, require_bitsandbytes
+from .quantization import (
+    QuantSpec,
+    is_quantized,
+    quantize_modules,
+    require_bitsandbytes,
+)
 from .registry import register_method
-from .targeting import all_linear_modules, base_module, candidate_modules, select_modules
+from .targeting import (
+    all_linear_modules,
+    base_module,
+    candidate_modules,
+    select_modules,
+)
 
 __all__ = ["QLoRAConfig"]
 

@@ -36,8 +36,19 @@ from .layer import AdapterLayer
 from .surgery import replace_module
 
 __all__ = [
-    "QuantSpec", "QuantMemory", "MergeReport", "require_bitsandbytes", "is_quantized", "quantized_merge_blocker", "quantize_linear",
-    "dequantized_weight", "keep_layout", "quantize_modules", "dequantize_model", "base_weight_memory", "merge_and_dequantize",
+    "MergeReport",
+    "QuantMemory",
+    "QuantSpec",
+    "base_weight_memory",
+    "dequantize_model",
+    "dequantized_weight",
+    "is_quantized",
+    "keep_layout",
+    "merge_and_dequantize",
+    "quantize_linear",
+    "quantize_modules",
+    "quantized_merge_blocker",
+    "require_bitsandbytes",
 ]
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from torch import nn
 from .config import MethodConfig
 from .layer import AdapterLayer
 
-__all__ = ["Site", "Method", "METHODS", "LAYERS", "register_method", "register_layer", "method_for", "config_from_dict"]
+__all__ = ["LAYERS", "METHODS", "Method", "Site", "config_from_dict", "method_for", "register_layer", "register_method"]
 
 
 @dataclass(frozen=True)

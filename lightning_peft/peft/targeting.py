@@ -20,8 +20,19 @@ from .config import ALL_LINEAR, AUTO, MethodConfig
 from .layer import AdapterLayer
 
 __all__ = [
-    "candidate_modules", "base_module", "is_conv1d", "is_linear", "hf_models", "resolve_targets",
-    "resolve_modules_to_save", "all_linear_modules", "head_modules", "pattern_value", "iter_bias_modules", "has_bias", "select_modules",
+    "all_linear_modules",
+    "base_module",
+    "candidate_modules",
+    "has_bias",
+    "head_modules",
+    "hf_models",
+    "is_conv1d",
+    "is_linear",
+    "iter_bias_modules",
+    "pattern_value",
+    "resolve_modules_to_save",
+    "resolve_targets",
+    "select_modules",
 ]
 
 
