@@ -75,10 +75,9 @@ def sync_replicated_gradients(model: nn.Module, group: dist.ProcessGroup | None 
     if not params:
         return 0
     world = dist.get_world_size(group)
-    reference = next(p.grad for p in params if p.grad is not None) if any(p.grad is not None for p in params) else params[0]
-    device, dtype = reference.device, torch.float32
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, dtype) for p in params])
-    present = torch.tensor([p.grad is not None for p in params], device=device, dtype=dtype)
+    device = params[0].device  # the adapters live on the rank's device (the callback puts them there)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float32) for p in params])
+    present = torch.tensor([p.grad is not None for p in params], device=device, dtype=torch.float32)
     buffer = torch.cat([flat, present])
     dist.all_reduce(buffer, group=group)
     flat, present = buffer[: flat.numel()] / world, buffer[flat.numel():]
