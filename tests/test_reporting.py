@@ -4,6 +4,7 @@ import json
 
 import torch
 from helpers import VisionClassifier, fit, image_loader
+from lightning.pytorch import Callback
 from torch import nn
 
 from lightning_peft import (
@@ -44,14 +45,24 @@ class LoggingClassifier(VisionClassifier):
         self.log("val/loss", nn.functional.cross_entropy(self.net(x), y))
 
 
+class UnfreezeLater(Callback):
+    """Freezes the second linear layer at fit start and unfreezes it after the first epoch."""
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.net[2].requires_grad_(False)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pl_module.net[2].requires_grad_(True)
+
+
 def test_metrics_json_records_each_validation_and_final(tmp_path):
     torch.manual_seed(0)
-    model = LoggingClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)))
+    model = LoggingClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3), nn.Linear(3, 3)))
     loader = image_loader()
     callback = MetricsJSON(dirpath=str(tmp_path))
     import lightning.pytorch as pl
 
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[callback], logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[UnfreezeLater(), callback], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, num_sanity_val_steps=1)
     trainer.fit(model, loader, loader)
     data = json.loads((tmp_path / "metrics.json").read_text())
@@ -59,7 +70,8 @@ def test_metrics_json_records_each_validation_and_final(tmp_path):
     assert data["final"]["val/loss"] == data["history"][-1]["val/loss"]
     assert data["final"]["global_step"] == 4
     run = data["run"]
-    assert run["trainable_parameters"] == run["total_parameters"] == 3 * 32 * 32 * 3 + 3
+    assert run["trainable_parameters"] == 3 * 32 * 32 * 3 + 3 and run["total_parameters"] == run["trainable_parameters"] + 12
+    assert run["trainable_parameters_at_end"] == run["total_parameters"]  # unfrozen during the fit
     assert len(run["epoch_seconds"]) == 2 and all(t > 0 for t in run["epoch_seconds"])
     assert run["peak_memory_kind"] == "process_rss" and run["peak_memory_bytes"] > 50 * 2**20  # torch alone takes more
     assert run["world_size"] == 1

@@ -91,6 +91,8 @@ class MetricsJSON(pl.Callback):
         self._write(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # what trained by the end (gradual unfreezing starts with the head alone)
+        self.run.update(trainable_parameters_at_end=count_parameters(pl_module).trainable)
         self._write(trainer)
 
     def state_dict(self) -> dict[str, Any]:
