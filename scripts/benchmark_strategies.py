@@ -196,6 +196,13 @@ def _size(mib: float) -> str:
     return f"{mib * 1024:.0f} KiB" if mib < 1 else f"{mib:.1f} MiB"
 
 
+def _colour(method: str, rows: list[dict[str, Any]]) -> Any:
+    """One distinct colour per method, the same in both plots (tab20: up to 20 methods)."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](next(i for i, r in enumerate(rows) if r["method"] == method) % 20)
+
+
 def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -203,9 +210,10 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in rows:
-        ax.errorbar(r["trainable_pct"], r["acc_mean"], yerr=r["acc_std"], fmt="o", capsize=3)
-        ax.annotate(r["method"], (r["trainable_pct"], r["acc_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for i, r in enumerate(sorted(rows, key=lambda r: r["trainable_pct"])):
+        ax.errorbar(r["trainable_pct"], r["acc_mean"], yerr=r["acc_std"], fmt="o", capsize=3, color=_colour(r["method"], rows))
+        # neighbours along x alternate above/below their point so close labels do not overlap
+        ax.annotate(r["method"], (r["trainable_pct"], r["acc_mean"]), textcoords="offset points", xytext=(5, 4 if i % 2 else -11), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel("validation accuracy")
@@ -221,7 +229,7 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path) -> 
         curves = [dict(x["curve"]) for x in runs if x["method"] == r["method"]]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if steps:
-            ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], marker=".", label=r["method"])
+            ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], marker=".", label=r["method"], color=_colour(r["method"], rows))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation accuracy (mean over seeds)")
     ax.set_title("Validation accuracy during training")
