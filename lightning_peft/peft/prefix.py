@@ -26,7 +26,22 @@ __all__ = ["PTuningV2Config", "PrefixTuningConfig", "prefix_spec"]
 
 
 @dataclass
-class PrefixTuningConfig(PromptMethodConfig):
+class _LayerPromptConfig(PromptMethodConfig):
+    """Options shared by the methods that put learned keys and values into every attention layer."""
+
+    projection: bool = True
+    projection_hidden: int = 512
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.projection_hidden < 1:
+            raise ValueError(f"{type(self).__name__}: projection_hidden must be >= 1, got {self.projection_hidden}")
+        self._check_dropout(self.dropout)
+
+
+@dataclass
+class PrefixTuningConfig(_LayerPromptConfig):
     """Prefix tuning options.
 
     Args:
@@ -51,19 +66,9 @@ class PrefixTuningConfig(PromptMethodConfig):
 
     method = "prefix_tuning"
 
-    projection: bool = True
-    projection_hidden: int = 512
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.projection_hidden < 1:
-            raise ValueError(f"{type(self).__name__}: projection_hidden must be >= 1, got {self.projection_hidden}")
-        self._check_dropout(self.dropout)
-
 
 @dataclass
-class PTuningV2Config(PromptMethodConfig):
+class PTuningV2Config(_LayerPromptConfig):
     """P-tuning v2 options: deep prompts (keys and values) at every layer.
 
     Args:
@@ -77,14 +82,6 @@ class PTuningV2Config(PromptMethodConfig):
     method = "p_tuning_v2"
 
     projection: bool = False
-    projection_hidden: int = 512
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.projection_hidden < 1:
-            raise ValueError(f"{type(self).__name__}: projection_hidden must be >= 1, got {self.projection_hidden}")
-        self._check_dropout(self.dropout)
 
 
 def prefix_spec(base: nn.Module, config: PrefixTuningConfig | PTuningV2Config) -> dict[str, Any]:
