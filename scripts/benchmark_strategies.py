@@ -148,15 +148,15 @@ def run_one(method: str, overrides: list[str], seed: int, budget: list[str], ext
     data = json.loads(metrics.read_text())
     adapter = run_dir / "adapter" / "adapter.safetensors"
     run = data["run"]
+    trainable = run.get("trainable_parameters_at_end", run["trainable_parameters"])  # gradual unfreezing starts from the head alone
     return {
         "method": method, "seed": seed,
         "val_acc": data["final"]["val/acc"], "val_f1": data["final"]["val/f1"],
-        # what trained by the end: gradual unfreezing starts from the head alone
-        "trainable": run.get("trainable_parameters_at_end", run["trainable_parameters"]), "total": run["total_parameters"],
+        "trainable": trainable, "total": run["total_parameters"],
         "epoch_seconds": statistics.mean(run["epoch_seconds"]) if run.get("epoch_seconds") else None,
         "peak_memory_MiB": run["peak_memory_bytes"] / 2**20, "peak_memory_kind": run["peak_memory_kind"],
         # what must be kept to reuse the result: the adapter file, else the trained weights in fp32
-        "saved_MiB": (adapter.stat().st_size if adapter.exists() else 4 * run.get("trainable_parameters_at_end", run["trainable_parameters"])) / 2**20,
+        "saved_MiB": (adapter.stat().st_size if adapter.exists() else 4 * trainable) / 2**20,
         "saved_kind": "adapter file" if adapter.exists() else "trained weights (fp32)",
         "curve": [(h["global_step"], h["val/acc"]) for h in data["history"] if "val/acc" in h],
     }
