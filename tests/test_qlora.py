@@ -166,7 +166,7 @@ def _quantized_storage(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_qlora_trains_through_the_callback_and_only_adapters_change():
     model = Classifier()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[PEFT(QLoRAConfig(r=4, target_modules="all-linear"))])
     storage = None
 
