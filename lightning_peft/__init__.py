@@ -5,7 +5,7 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
     trainer = Trainer(callbacks=[FreezeBackbone(), ParameterSummary()])
 """
 
-from .backbone import BackboneSplit, find_backbone
+from .groups.backbone import BackboneSplit, find_backbone
 from .callbacks import (
     L2SP,
     PEFT,
@@ -24,28 +24,28 @@ from .data import (
     load_image_dataset,
     load_text_dataset,
 )
-from .discriminative import layer_lr_scales
-from .distillation import (
+from .groups.layer_rates import layer_lr_scales
+from .losses.distillation import (
     distillation_loss,
     hidden_state_loss,
     load_teacher,
     soft_target_loss,
 )
-from .feature_cache import FeatureStore
-from .feature_point import FeaturePoint, find_feature_point
-from .freezing import LayerFreezer, freeze, unfreeze
-from .hub import load_backbone, load_timm_model, load_tokenizer, resolve_pretrained
-from .layer_groups import LayerGroup, format_layer_groups, layer_groups
-from .matching import match_module_names
-from .mixins import FinetuningConfig, FinetuningMixin, PEFTMixin
+from .features.store import FeatureStore
+from .features.feature_point import FeaturePoint, find_feature_point
+from .groups.freezing import LayerFreezer, freeze, unfreeze
+from .models.pretrained import load_backbone, load_timm_model, load_tokenizer, resolve_pretrained
+from .groups.layer_groups import LayerGroup, format_layer_groups, layer_groups
+from .groups.matching import match_module_names
+from .models.mixins import FinetuningConfig, FinetuningMixin, PEFTMixin
 from .models import (
     ImageClassifier,
     TextClassifier,
     linear_warmup_decay,
     warmup_schedule,
 )
-from .param_groups import Placement, regroup_optimizer
-from .params import ParamCount, count_parameters
+from .optim.param_groups import Placement, regroup_optimizer
+from .utils.param_count import ParamCount, count_parameters
 from .peft import (
     ALL_LINEAR,
     AdapterConfig,
@@ -82,9 +82,9 @@ from .peft import (
     set_adapter,
     unmerge,
 )
-from .probing import FeatureSet, extract_features, fit_classifier
-from .regularization import l2sp_penalty
-from .sharding import (
+from .features.probe import FeatureSet, extract_features, fit_classifier
+from .losses.l2sp import l2sp_penalty
+from .distributed.fsdp import (
     FSDPBlockPolicy,
     gathered_parameters,
     replicated_modules,

@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float | None:
     # Imported here so that config errors (bad choice, bad key) are reported before heavy imports.
     import logging
 
-    from lightning_peft.training import train
+    from lightning_peft.cli.train import train
 
     # `import lightning` adds its own console handler; Hydra's root handlers (console + run-dir log
     # file) already show these messages, so drop it to avoid every line printed twice.

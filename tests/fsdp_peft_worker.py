@@ -31,7 +31,7 @@ from lightning_peft import (
     LoRAConfig,
     gathered_parameters,
 )
-from lightning_peft.matching import clean_name
+from lightning_peft.groups.matching import clean_name
 
 
 class _CPUFSDP(FullyShardedDataParallel):

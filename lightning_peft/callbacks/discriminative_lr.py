@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..discriminative import discriminative_plan, layer_lr_scales
+from ..groups.layer_rates import discriminative_plan, layer_lr_scales
 from .layer_group_callback import LayerGroupCallback, describe_param_groups
 
 __all__ = ["DiscriminativeLR"]

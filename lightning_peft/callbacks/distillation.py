@@ -11,15 +11,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ..distillation import (
+from ..losses.distillation import (
     hidden_state_loss,
     load_teacher,
     output_width,
     soft_target_loss,
 )
-from ..distributed import all_reduce_grads_mean_
-from ..matching import match_module_names
-from ..param_groups import add_param_group
+from ..distributed.gradients import all_reduce_grads_mean_
+from ..groups.matching import match_module_names
+from ..optim.param_groups import add_param_group
 
 __all__ = ["Distillation"]
 

@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from ..feature_cache import FeatureStore, module_fingerprint, sample_keys
-from ..feature_point import FeaturePoint, find_feature_point
-from ..matching import format_names
+from ..features.store import FeatureStore, module_fingerprint, sample_keys
+from ..features.feature_point import FeaturePoint, find_feature_point
+from ..groups.matching import format_names
 from .freeze_backbone import FreezeBackbone
 from .gradual_unfreezing import GradualUnfreezing
 
@@ -39,7 +39,7 @@ class FeatureCache(pl.Callback):
     """Train a linear probe (or any head) on cached backbone features, with the results of the uncached probe.
 
     Works on an unchanged module of the shape "backbone → pooling → head" (see
-    :mod:`lightning_peft.feature_point`): the module (or the submodule holding backbone and head,
+    :mod:`lightning_peft.features.feature_point`): the module (or the submodule holding backbone and head,
     the *owner*) is called once per batch with the batch's inputs and returns ``head(features)``,
     where ``head`` is called once with one ``(batch, dim)`` tensor. ``TextClassifier`` and
     torchvision/timm classifiers qualify. The callback freezes everything that computes the

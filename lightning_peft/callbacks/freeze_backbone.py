@@ -8,8 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..freezing import LayerFreezer
-from ..params import count_parameters
+from ..groups.freezing import LayerFreezer
+from ..utils.param_count import count_parameters
 from .layer_group_callback import LayerGroupCallback
 
 __all__ = ["FreezeBackbone"]

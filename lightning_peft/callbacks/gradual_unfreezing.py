@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..distributed import all_reduce_grads_mean_
-from ..freezing import LayerFreezer
+from ..distributed.gradients import all_reduce_grads_mean_
+from ..groups.freezing import LayerFreezer
 from .layer_group_callback import LayerGroupCallback
 
 __all__ = ["GradualUnfreezing"]

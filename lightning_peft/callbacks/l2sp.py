@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..backbone import find_backbone
-from ..regularization import add_penalty_grad_, l2sp_penalty
+from ..groups.backbone import find_backbone
+from ..losses.l2sp import add_penalty_grad_, l2sp_penalty
 
 __all__ = ["L2SP"]
 

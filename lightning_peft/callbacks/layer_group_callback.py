@@ -1,7 +1,7 @@
 """What every layer-group callback shares: resolving the groups at setup, and shaping the optimizer once.
 
 ``FreezeBackbone``, ``GradualUnfreezing`` and ``DiscriminativeLR`` each see the model as
-:func:`~lightning_peft.layer_groups`. Those that shape the optimizer contribute to one combined
+:func:`~lightning_peft.groups.layer_groups`. Those that shape the optimizer contribute to one combined
 placement per parameter (LR multipliers multiply, the first weight-decay override wins), applied
 by whichever reaches ``on_fit_start`` first, so they compose in any order.
 """
@@ -16,9 +16,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..layer_groups import LayerGroup, format_layer_groups, layer_groups
-from ..matching import format_names
-from ..param_groups import Placement, regroup_optimizer
+from ..groups.layer_groups import LayerGroup, format_layer_groups, layer_groups
+from ..groups.matching import format_names
+from ..optim.param_groups import Placement, regroup_optimizer
 from .peft import PEFT
 
 __all__ = ["LayerGroupCallback", "apply_optimizer_policies", "describe_param_groups"]
@@ -30,7 +30,7 @@ class LayerGroupCallback(pl.Callback):
     """Base of the layer-group callbacks (not used directly).
 
     Args:
-        groups: explicit layer groups, input to output (see :func:`~lightning_peft.layer_groups`);
+        groups: explicit layer groups, input to output (see :func:`~lightning_peft.groups.layer_groups`);
             default: found automatically.
         backbone: module patterns naming the pretrained backbone when it is not found automatically.
         verbose: print the layer-group table at setup.

@@ -11,8 +11,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..io import atomic_write_json
-from ..params import count_parameters
+from ..utils.atomic_files import atomic_write_json
+from ..utils.param_count import count_parameters
 
 __all__ = ["MetricsJSON"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..params import ParamCount, count_parameters, parameter_rows
+from ..utils.param_count import ParamCount, count_parameters, parameter_rows
 
 __all__ = ["ParameterSummary", "format_parameter_table"]
 

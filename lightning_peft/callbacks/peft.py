@@ -23,17 +23,17 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..freezing import set_batchnorm_eval
-from ..matching import format_names
-from ..params import count_parameters
+from ..groups.freezing import set_batchnorm_eval
+from ..groups.matching import format_names
+from ..utils.param_count import count_parameters
 from ..peft.checkpoint import AdapterOnlyCheckpoints
 from ..peft.config import MethodConfig
-from ..peft.io import adapter_metadata, export_peft, save_adapter
+from ..peft.adapter_files import adapter_metadata, export_peft, save_adapter
 from ..peft.layer import AdapterDict, adapter_layers
-from ..peft.model import inject, list_adapters, set_adapter
+from ..peft.functional import inject, list_adapters, set_adapter
 from ..peft.quantization import base_weight_memory
 from ..peft.registry import config_from_dict
-from ..sharding import (
+from ..distributed.fsdp import (
     gathered_parameters,
     replicated_modules,
     sync_replicated_gradients,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hub import package_dir
+from ..models.pretrained import package_dir
 
 __all__ = ["DATASETS", "TextDataset", "load_text_dataset", "stratified_split"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..hub import package_dir
+from ..models.pretrained import package_dir
 
 __all__ = ["IMAGE_DATASETS", "ImageDataset", "load_image_dataset", "load_mnist5k"]
 

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ..hub import load_tokenizer
+from ..models.pretrained import load_tokenizer
 from .datasets import TextDataset, load_text_dataset, stratified_split
 
 __all__ = ["TextClassificationDataModule"]

@@ -2,8 +2,8 @@
 
 from .base import ClassificationModule
 from .image_classifier import ImageClassifier
-from .pooling import POOLINGS, pool
-from .schedules import linear_warmup_decay, warmup_schedule
+from ..features.pooling import POOLINGS, pool
+from ..optim.schedules import linear_warmup_decay, warmup_schedule
 from .text_classifier import TextClassifier
 
 __all__ = ["POOLINGS", "ClassificationModule", "ImageClassifier", "TextClassifier", "linear_warmup_decay", "pool", "warmup_schedule"]

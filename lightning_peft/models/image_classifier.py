@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hub import load_timm_model
+from .pretrained import load_timm_model
 from .base import ClassificationModule, OptimizerFactory, SchedulerFactory
 
 __all__ = ["ImageClassifier"]
@@ -36,7 +36,7 @@ class ImageClassifier(ClassificationModule):
         num_classes: number of labels.
         pretrained: ``"auto"`` (packaged weights when a package ships them, else timm's download),
             ``True`` (timm's download), a state-dict path, or ``False`` (random); see
-            :func:`lightning_peft.hub.load_timm_model`.
+            :func:`lightning_peft.models.pretrained.load_timm_model`.
         dropout: dropout on the pooled features, inside the head.
         optimizer: factory taking the parameters (Hydra ``_partial_``); default AdamW(lr=1e-3).
         scheduler: factory ``(optimizer, total_steps=...)``, stepped every optimizer step; optional.

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hub import load_backbone
+from .pretrained import load_backbone
 from .base import ClassificationModule, OptimizerFactory, SchedulerFactory
-from .pooling import POOLINGS, pool
+from ..features.pooling import POOLINGS, pool
 
 __all__ = ["TextClassifier"]
 
@@ -24,7 +24,7 @@ class TextClassifier(ClassificationModule):
     Args:
         name_or_path: hub id or local folder of the encoder (packaged offline copies are found first).
         num_classes: number of labels.
-        pooling: ``mean``, ``cls`` or ``last`` (see :func:`lightning_peft.models.pooling.pool`).
+        pooling: ``mean``, ``cls`` or ``last`` (see :func:`lightning_peft.features.pooling.pool`).
         dropout: dropout before the head.
         optimizer: factory taking the parameters (Hydra ``_partial_``); default AdamW(lr=2e-5).
         scheduler: factory ``(optimizer, total_steps=...)``, stepped every optimizer step; optional.

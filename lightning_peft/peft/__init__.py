@@ -9,10 +9,10 @@ from .bitfit import BitFitConfig
 from .bottleneck import AdapterConfig
 from .config import ALL_LINEAR, MethodConfig
 from .ia3 import IA3Config
-from .io import adapter_config, export_peft, import_peft, load_adapter, save_adapter
+from .adapter_files import adapter_config, export_peft, import_peft, load_adapter, save_adapter
 from .layer import AdapterLayer, adapter_layers
 from .lora import LoRAConfig
-from .model import (
+from .functional import (
     active_adapters,
     adapter_batch,
     adapter_parameters,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..matching import format_names
+from ..groups.matching import format_names
 from .config import MethodConfig
 from .layer import AdapterLayer
 from .registry import Site, register_layer, register_method

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..kernels import ACTIVATIONS, adapter_bottleneck
-from ..matching import format_names, name_matches
+from ..groups.matching import format_names, name_matches
 from .config import MethodConfig
 from .layer import AdapterLayer
 from .registry import Site, register_layer, register_method

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..matching import clean_name
-from .model import adapter_parameters
+from ..groups.matching import clean_name
+from .functional import adapter_parameters
 
 __all__ = ["FINGERPRINT_KEY", "AdapterOnlyCheckpoints", "adapter_only_state_dict", "base_fingerprint"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..matching import name_matches
+from ..groups.matching import name_matches
 from .config import MethodConfig
 from .layer import AdapterLayer
 from .quantization import is_quantized, keep_layout, quantized_merge_blocker

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..matching import format_names
+from ..groups.matching import format_names
 from .config import MethodConfig
 from .layer import AdapterLayer
 from .registry import Site, register_layer, register_method
@@ -474,7 +474,7 @@ def _embedding_weight(base: nn.Module) -> torch.Tensor:
 
 
 def _text_token_ids(base: nn.Module, config: PromptTuningConfig) -> list[int]:
-    from ..hub import load_tokenizer
+    from ..models.pretrained import load_tokenizer
 
     source = config.tokenizer or getattr(base.config, "_name_or_path", None)
     if not source:

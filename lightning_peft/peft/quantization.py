@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..matching import format_names
+from ..groups.matching import format_names
 from .layer import AdapterLayer
 from .surgery import replace_module
 
@@ -304,7 +304,7 @@ def merge_and_dequantize(
     weights are quantized again and the report gives the relative weight error and, with
     ``example_inputs`` (a tensor or a dict of keyword arguments), the largest output change it causes.
     """
-    from .model import merge_and_unload  # model imports this module's is_quantized
+    from .functional import merge_and_unload  # model imports this module's is_quantized
 
     quantized_sites = [n for n, m in model.named_modules() if is_quantized(m)]
     dequantized = dequantize_model(model, dtype)

@@ -1,6 +1,6 @@
 """Which modules a method wraps and which are saved in full: pure resolution of names, with clear errors.
 
-Patterns use :mod:`lightning_peft.matching` (exact name, dotted suffix, ``re:<regex>``). Each pattern
+Patterns use :mod:`lightning_peft.groups.matching` (exact name, dotted suffix, ``re:<regex>``). Each pattern
 must select at least one module the method can wrap, so a typo is an error listing the candidates,
 never a silently smaller adapter. ``target_modules=None`` takes the method's defaults for the
 ``transformers`` model type (or timm model class) inside the module; ``"all-linear"`` takes every
@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from torch import nn
 
-from ..backbone import find_backbone
-from ..matching import format_names, name_matches
+from ..groups.backbone import find_backbone
+from ..groups.matching import format_names, name_matches
 from .config import ALL_LINEAR, AUTO, MethodConfig
 from .layer import AdapterLayer
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..matching import clean_name, format_names
-from ..params import count_parameters
+from ..groups.matching import clean_name, format_names
+from ..utils.param_count import count_parameters
 from .config import MethodConfig
 from .layer import AdapterLayer, adapter_layers, validate_adapter_name
 from .modules_to_save import ModulesToSaveLayer

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .io import atomic_write_bytes
+from ..utils.atomic_files import atomic_write_bytes
 
 __all__ = ["FORMAT", "KEY_BYTES", "VERSION", "FeatureStore", "module_fingerprint", "sample_keys"]
 
 KEY_BYTES = 16
-FORMAT = "lightning_peft.feature_cache"
+FORMAT = "lightning_peft.features.store"
 VERSION = 1
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .layer_groups import LayerGroup
 from .matching import name_matches
-from .param_groups import Placement, Plan
+from ..optim.param_groups import Placement, Plan
 
 __all__ = ["discriminative_plan", "is_no_decay", "layer_lr_scales"]
 

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import atomic_write_bytes, atomic_write_json
-from ..matching import format_names
+from ..utils.atomic_files import atomic_write_bytes, atomic_write_json
+from ..groups.matching import format_names
 from .config import MethodConfig
 from .layer import adapter_layers
 from .lora import LoRAConfig, lora_kind
-from .model import (
+from .functional import (
     adapter_sites,
     adapter_state_dict,
     apply_sites,

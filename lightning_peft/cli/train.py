@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks.metrics_json import _scalars
+from ..callbacks.metrics_json import _scalars
 
 __all__ = ["instantiate_callbacks", "train"]
 

@@ -3,7 +3,7 @@
 ``extract_features`` runs a model once over a data loader (eval mode, no gradients, stopping right
 after the chosen layer) and returns one feature row per example; with ``cache_dir`` the rows are
 stored on disk keyed by model, layer, pooling and each example's content (see
-:mod:`lightning_peft.feature_cache`), so a second call costs nothing but reading the inputs.
+:mod:`lightning_peft.features.store`), so a second call costs nothing but reading the inputs.
 ``fit_classifier`` fits scikit-learn's ``LogisticRegression`` (or any estimator with
 ``fit``/``score``) on them.
 """
@@ -19,11 +19,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from .backbone import find_backbone
-from .feature_cache import FeatureStore, module_fingerprint, sample_keys
+from ..groups.backbone import find_backbone
+from .store import FeatureStore, module_fingerprint, sample_keys
 from .feature_point import find_feature_point
-from .matching import format_names, match_module_names
-from .models.pooling import pool
+from ..groups.matching import format_names, match_module_names
+from .pooling import pool
 
 __all__ = ["EXTRACT_POOLINGS", "FeatureSet", "extract_features", "fit_classifier", "pool_output"]
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from .hub import _load
+from ..models.pretrained import _load
 
 __all__ = ["distillation_loss", "hidden_state_loss", "load_teacher", "soft_target_loss"]
 
@@ -90,7 +90,7 @@ def load_teacher(name_or_path: str | os.PathLike, num_labels: int | None = None)
     """
     path = str(name_or_path)
     if path.endswith(".ckpt"):
-        from .models import TextClassifier
+        from ..models import TextClassifier
 
         return TextClassifier.load_from_checkpoint(path, map_location="cpu")
     from transformers import AutoModelForSequenceClassification

@@ -8,15 +8,15 @@ from typing import Any
 
 import torch
 
-from .discriminative import discriminative_plan
-from .layer_groups import layer_groups
-from .models.schedules import warmup_schedule
-from .param_groups import split_param_group
-from .peft.checkpoint import AdapterOnlyCheckpoints
-from .peft.config import MethodConfig
-from .peft.io import save_adapter
-from .peft.model import inject, list_adapters
-from .peft.registry import config_from_dict
+from ..groups.layer_rates import discriminative_plan
+from ..groups.layer_groups import layer_groups
+from ..optim.schedules import warmup_schedule
+from ..optim.param_groups import split_param_group
+from ..peft.checkpoint import AdapterOnlyCheckpoints
+from ..peft.config import MethodConfig
+from ..peft.adapter_files import save_adapter
+from ..peft.functional import inject, list_adapters
+from ..peft.registry import config_from_dict
 
 __all__ = ["OPTIMIZERS", "FinetuningConfig", "FinetuningMixin", "PEFTMixin"]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .backbone import find_backbone
-from .matching import format_names, match_module_names
+from ..groups.backbone import find_backbone
+from ..groups.matching import format_names, match_module_names
 
 __all__ = ["FeaturePoint", "find_feature_point"]
 
@@ -103,7 +103,7 @@ def find_feature_point(
 
     Args:
         root: the user's module.
-        head: pattern (see :mod:`lightning_peft.matching`) naming the head; default: the module
+        head: pattern (see :mod:`lightning_peft.groups.matching`) naming the head; default: the module
             ``find_backbone`` calls head (torchvision/timm classifiers), else the topmost module that
             holds every parameter outside the backbone (``TextClassifier.head``, including its dropout).
         backbone: patterns naming the backbone when it is not recognised automatically.

@@ -72,7 +72,7 @@ def find_backbone(root: nn.Module, backbone: str | list[str] | tuple[str, ...] |
 
     Args:
         root: the user's module (e.g. a ``LightningModule`` holding a ``transformers`` model).
-        backbone: optional patterns (see :mod:`lightning_peft.matching`) naming the modules to treat
+        backbone: optional patterns (see :mod:`lightning_peft.groups.matching`) naming the modules to treat
             as backbone; when given, no automatic detection happens.
 
     Raises:

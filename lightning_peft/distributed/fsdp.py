@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .matching import clean_name
-from .peft.layer import AdapterDict
+from ..groups.matching import clean_name
+from ..peft.layer import AdapterDict
 
 __all__ = ["DEFAULT_BLOCKS", "FSDPBlockPolicy", "clean_name", "gathered_parameters", "replicated_modules", "sync_replicated_gradients"]
 
