@@ -5,7 +5,6 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
     trainer = Trainer(callbacks=[FreezeBackbone(), ParameterSummary()])
 """
 
-from .groups.backbone import BackboneSplit, find_backbone
 from .callbacks import (
     L2SP,
     PEFT,
@@ -16,36 +15,51 @@ from .callbacks import (
     FreezeBackbone,
     GradualUnfreezing,
     MetricsJSON,
+    NonFiniteError,
+    NonFiniteGuard,
     ParameterSummary,
+    RNGState,
+    SigtermCheckpoint,
 )
+from .cli.peft_callback import peft_callback
 from .data import (
     ImageClassificationDataModule,
     TextClassificationDataModule,
     load_image_dataset,
     load_text_dataset,
 )
+from .data.instruction_datamodule import InstructionDataModule
+from .distributed.fsdp import (
+    FSDPBlockPolicy,
+    gathered_parameters,
+    replicated_modules,
+    sync_replicated_gradients,
+)
+from .features.feature_point import FeaturePoint, find_feature_point
+from .features.probe import FeatureSet, extract_features, fit_classifier
+from .features.store import FeatureStore
+from .groups.backbone import BackboneSplit, find_backbone, find_head, head_parameters
+from .groups.freezing import LayerFreezer, freeze, unfreeze
+from .groups.layer_groups import LayerGroup, format_layer_groups, layer_groups
 from .groups.layer_rates import layer_lr_scales
+from .groups.matching import match_module_names
 from .losses.distillation import (
     distillation_loss,
     hidden_state_loss,
     load_teacher,
     soft_target_loss,
 )
-from .features.store import FeatureStore
-from .features.feature_point import FeaturePoint, find_feature_point
-from .groups.freezing import LayerFreezer, freeze, unfreeze
-from .models.pretrained import load_backbone, load_timm_model, load_tokenizer, resolve_pretrained
-from .groups.layer_groups import LayerGroup, format_layer_groups, layer_groups
-from .groups.matching import match_module_names
-from .models.mixins import FinetuningConfig, FinetuningMixin, PEFTMixin
+from .losses.l2sp import l2sp_penalty
 from .models import (
     ImageClassifier,
     TextClassifier,
     linear_warmup_decay,
     warmup_schedule,
 )
+from .models.causal_lm import CausalLM
+from .models.mixins import FinetuningConfig, FinetuningMixin, PEFTMixin
+from .models.pretrained import load_backbone, load_timm_model, load_tokenizer, resolve_pretrained
 from .optim.param_groups import Placement, regroup_optimizer
-from .utils.param_count import ParamCount, count_parameters
 from .peft import (
     ALL_LINEAR,
     AdapterConfig,
@@ -82,104 +96,104 @@ from .peft import (
     set_adapter,
     unmerge,
 )
-from .features.probe import FeatureSet, extract_features, fit_classifier
-from .losses.l2sp import l2sp_penalty
-from .distributed.fsdp import (
-    FSDPBlockPolicy,
-    gathered_parameters,
-    replicated_modules,
-    sync_replicated_gradients,
-)
+from .peft.checkpoint import check_adapter_only_checkpoint
+from .utils.param_count import ParamCount, count_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALL_LINEAR",
-    "L2SP",
-    "PEFT",
-    "AdapterConfig",
-    "AdapterLayer",
-    "BackboneSplit",
-    "BitFitConfig",
+    # callbacks: add to Trainer(callbacks=[...]) on an unchanged LightningModule
     "DiscriminativeLR",
     "Distillation",
-    "FSDPBlockPolicy",
     "FeatureCache",
-    "FeatureCacheStats",
-    "FeaturePoint",
-    "FeatureSet",
-    "FeatureStore",
-    "FinetuningConfig",
-    "FinetuningMixin",
     "FreezeBackbone",
     "GradualUnfreezing",
-    "IA3Config",
-    "ImageClassificationDataModule",
-    "ImageClassifier",
-    "LayerFreezer",
-    "LayerGroup",
-    "LoRAConfig",
-    "MergeReport",
-    "MethodConfig",
+    "L2SP",
     "MetricsJSON",
-    "PEFTMixin",
+    "NonFiniteGuard",
+    "PEFT",
+    "ParameterSummary",
+    "RNGState",
+    "SigtermCheckpoint",
+    # method configs
+    "ALL_LINEAR",
+    "AdapterConfig",
+    "BitFitConfig",
+    "IA3Config",
+    "LoRAConfig",
+    "MethodConfig",
     "PTuningConfig",
     "PTuningV2Config",
-    "ParamCount",
-    "ParameterSummary",
-    "Placement",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "QLoRAConfig",
-    "QuantMemory",
     "QuantSpec",
-    "TextClassificationDataModule",
-    "TextClassifier",
+    "peft_callback",
+    # functional PEFT API on any nn.Module
+    "AdapterLayer",
     "active_adapters",
     "adapter_batch",
     "adapter_config",
     "adapter_state_dict",
     "base_weight_memory",
-    "count_parameters",
+    "check_adapter_only_checkpoint",
     "delete_adapter",
     "dequantize_model",
     "disable_adapters",
-    "distillation_loss",
     "export_peft",
+    "import_peft",
+    "inject",
+    "list_adapters",
+    "load_adapter",
+    "merge",
+    "merge_and_dequantize",
+    "merge_and_unload",
+    "save_adapter",
+    "set_adapter",
+    "unmerge",
+    # ready modules, mixins and data
+    "CausalLM",
+    "FinetuningConfig",
+    "FinetuningMixin",
+    "ImageClassificationDataModule",
+    "ImageClassifier",
+    "InstructionDataModule",
+    "PEFTMixin",
+    "TextClassificationDataModule",
+    "TextClassifier",
+    "load_image_dataset",
+    "load_text_dataset",
+    # building blocks: how a model is seen, features, losses, schedules, distributed, loading
+    "FSDPBlockPolicy",
+    "FeaturePoint",
+    "FeatureSet",
+    "LayerGroup",
+    "NonFiniteError",
+    "count_parameters",
+    "distillation_loss",
     "extract_features",
     "find_backbone",
     "find_feature_point",
+    "find_head",
     "fit_classifier",
     "format_layer_groups",
     "freeze",
     "gathered_parameters",
+    "head_parameters",
     "hidden_state_loss",
-    "import_peft",
-    "inject",
     "l2sp_penalty",
     "layer_groups",
     "layer_lr_scales",
     "linear_warmup_decay",
-    "list_adapters",
-    "load_adapter",
     "load_backbone",
-    "load_image_dataset",
     "load_teacher",
-    "load_text_dataset",
     "load_timm_model",
     "load_tokenizer",
-    "match_module_names",
-    "merge",
-    "merge_and_dequantize",
-    "merge_and_unload",
-    "regroup_optimizer",
     "replicated_modules",
     "resolve_pretrained",
-    "save_adapter",
-    "set_adapter",
     "soft_target_loss",
     "sync_replicated_gradients",
     "unfreeze",
-    "unmerge",
     "warmup_schedule",
 ]
+# Also importable from here for existing code, documented in their modules: BackboneSplit, FeatureCacheStats, FeatureStore, LayerFreezer, MergeReport, ParamCount, Placement, QuantMemory, match_module_names, regroup_optimizer.

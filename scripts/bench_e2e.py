@@ -166,7 +166,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         if mode == "hf_peft":
             try:
-                import peft
+                import peft  # noqa: F401
             except ImportError:
                 print("hf_peft: skipped (peft is not installed)")
                 continue

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-# The Triton kernel tests run the real kernels on CPU through Triton's interpreter. triton reads
-# TRITON_INTERPRET when a kernel is decorated, i.e. when lightning_peft.kernels.lora/bottleneck are
-# first imported, so it is set here before any test module imports them (importing torch does not
-# import triton). On a CUDA machine the kernels run natively.
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
-# On a GPU, launch each kernel with its first autotune config instead of timing every config for
-# every test shape (the benchmark script autotunes).
-os.environ.setdefault("LIGHTNING_PEFT_AUTOTUNE", "0")
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+# Offline settings and the Triton interpreter are set in the repository's root conftest.py.
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -42,6 +27,43 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     )
     BertModel(config).save_pretrained(path)
     load_tokenizer("sentence-transformers/all-MiniLM-L6-v2").save_pretrained(path)
+    return str(path)
+
+
+# A tiny chat template for tests (ChatML-like, with the tokenizer's [SEP] closing each turn).
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 Llama causal LM (random weights) saved with the MiniLM tokenizer, [SEP] as EOS and a chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_peft import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102, initializer_range=0.3)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def instructions_jsonl(tmp_path_factory) -> str:
+    """40 short {prompt, completion} records in a .jsonl file."""
+    import json
+
+    path = tmp_path_factory.mktemp("instructions") / "records.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 
 
@@ -77,6 +99,25 @@ def tiny_overrides(model_dir: str) -> list[str]:
         "data.max_length=32",
         "data.batch_size=8",
         "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint=null",
+        "callbacks.progress_bar=null",
+    ]
+
+
+def tiny_llm_overrides(model_dir: str, records: str) -> list[str]:
+    """Overrides that make the causal-LM job run in seconds on the tiny Llama and a small record file."""
+    return [
+        "model=smollm2",
+        "data=instructions",
+        f"model.name_or_path={model_dir}",
+        "model.max_new_tokens=4",
+        f"data.train={records}",
+        "data.train_size=16",
+        "data.max_length=48",
+        "data.batch_size=4",
+        "data.generate_size=4",
+        "trainer.max_steps=2",
         "trainer.log_every_n_steps=1",
         "callbacks.model_checkpoint=null",
         "callbacks.progress_bar=null",

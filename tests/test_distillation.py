@@ -270,7 +270,6 @@ def test_module_calling_a_submodule_needs_student_name():
 
 def test_hydra_distill_choice_trains(compose, tiny_bert_dir):
     from conftest import tiny_overrides
-
     from lightning_peft.cli.train import train
 
     hidden = "finetune.hidden=[[backbone.encoder.layer.1,bert.encoder.layer.1]]"

@@ -353,7 +353,6 @@ def test_logistic_regression_on_cached_features_when_sklearn_is_installed():
 
 def test_hydra_linear_probe_cached_trains_and_writes_the_cache(compose, tiny_bert_dir, tmp_path):
     from conftest import tiny_overrides
-
     from lightning_peft.cli.train import train
 
     cache_dir = tmp_path / "cache"

@@ -111,7 +111,7 @@ def test_gradual_unfreezing_unfreezes_one_group_per_epoch_from_the_top(trainable
     start = snapshot(model)
     _trainer([GradualUnfreezing(every_n_epochs=1), probe], max_epochs=5).fit(model, text_loader())
     order = ["head.", "bert.encoder.layer.2.", "bert.encoder.layer.1.", "bert.encoder.layer.0.", "bert.embeddings."]
-    weights = [start] + probe.weights
+    weights = [start, *probe.weights]
     for epoch in range(5):
         for depth, prefix in enumerate(order):
             assert _changed(weights[epoch], weights[epoch + 1], prefix) == (depth <= epoch), (epoch, prefix)
@@ -168,6 +168,31 @@ def test_bad_schedules_are_rejected():
         GradualUnfreezing(every_n_epochs=0)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epochs=[-1, 2]), r"epochs milestone must be >= 0 .* in epochs=\[-1, 2\] \(a negative one would count as already passed\), got -1"),
+        (dict(steps=[3, -2]), r"steps milestone must be >= 0 .*got -2"),
+        (dict(epochs=[1.5]), r"epochs milestone must be >= 0 \(an integer\)"),
+        (dict(initial=-1), r"initial must be >= 0"),
+        (dict(groups_per_stage="2"), r"groups_per_stage must be >= 1 \(an integer\).*'2'"),
+    ],
+)
+def test_gradual_unfreezing_refuses_meaningless_schedules(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradualUnfreezing(**kwargs)
+
+
+def test_gradual_unfreezing_refuses_initial_covering_every_group():
+    # TextModule has 4 backbone groups (embeddings, 3 encoder layers): initial=4 would train everything from step 0
+    with pytest.raises(ValueError, match=r"initial=4 but the model has 4 backbone layer group\(s\) \(bert.embeddings, .*Use initial < 4"):
+        _trainer([GradualUnfreezing(initial=4)], max_steps=1).fit(TextModule(), text_loader())
+    model = TextModule()
+    before = snapshot(model)
+    _trainer([GradualUnfreezing(initial=3)], max_steps=1).fit(model, text_loader())  # the largest meaningful value
+    assert _changed(before, snapshot(model), "bert.encoder.layer.0.") and not _changed(before, snapshot(model), "bert.embeddings.")
+
+
 # --- discriminative learning rates ----------------------------------------------------------------
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -187,6 +212,13 @@ def test_discriminative_lr_writes_real_rates_that_follow_the_scheduler(optimizer
         no_decay = all(p.ndim <= 1 for p in g["params"])
         assert g["weight_decay"] == (0.0 if no_decay else (0.1 if optimizer == "adamw" else 0.01))
     assert len(scheduled.base_lrs) == len(opt.param_groups)
+
+
+@pytest.mark.parametrize("kwargs", [dict(decay=float("nan")), dict(decay=float("inf")), dict(decay=0.0), dict(decay="0.8"), dict(head_lr_mult=float("nan"))])
+def test_discriminative_lr_refuses_non_finite_or_non_positive_factors(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"DiscriminativeLR: {name} must be a finite number > 0, got"):
+        DiscriminativeLR(**kwargs)
 
 
 def test_ulmfit_factor_and_timm_style_depth():

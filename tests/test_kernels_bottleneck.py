@@ -133,7 +133,7 @@ def test_gradcheck_float64(activation):
     def f(x, wd, bd, wu, bu, res):
         return adapter_bottleneck_triton(x, wd, bd, wu, bu, activation, 0.8, res)
 
-    inputs = tuple(args[k] for k in ORDER + ["residual"])
+    inputs = tuple(args[k] for k in [*ORDER, "residual"])
     assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
     assert torch.autograd.gradcheck(lambda *a: f(*a[:5], None), inputs[:5], fast_mode=True)
 

@@ -89,7 +89,7 @@ def test_gradient_equals_autograd_of_loss_plus_penalty_with_accumulation_and_cli
         for name in ga:
             torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-7)
     assert any(g["backbone.2.weight"].abs().sum() > 0 for g in a.grads)
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (_name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
     l2sp = callback.callbacks[0]
     assert set(l2sp.reference) == {"backbone.2.weight", "backbone.2.bias"}  # only what trains, not the head
@@ -137,7 +137,6 @@ def test_negative_weights_are_rejected():
 
 def test_hydra_l2sp_choice_trains(compose, tiny_bert_dir):
     from conftest import tiny_overrides
-
     from lightning_peft.cli.train import train
 
     metrics = train(compose("finetune=l2sp", *tiny_overrides(tiny_bert_dir), "finetune.alpha=0.5", "finetune.beta=0.01"))

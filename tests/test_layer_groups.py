@@ -53,9 +53,9 @@ CASES = {
         lambda: Holder(m=GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2))),
         ["m.transformer.wte+wpe", "m.transformer.h.0", "m.transformer.h.1"],
     ),
-    "llama": (
+    "llama (untied lm_head is pretrained: joins the top block)": (
         lambda: Holder(m=LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, tie_word_embeddings=False, **SMALL))),
-        ["m.model.embed_tokens", "m.model.layers.0", "m.model.layers.1", "head"],
+        ["m.model.embed_tokens", "m.model.layers.0", "m.model.layers.1"],
     ),
     "resnet18 (torchvision)": (
         lambda: Holder(net=torchvision.models.resnet18(num_classes=3)),
@@ -80,6 +80,12 @@ def test_groups_found_in_order(case):
     assert [g.name for g in groups] == expected
     _check_partition(model, groups)
     assert [g.is_head for g in groups] == [name == "head" for name in expected]
+
+
+def test_untied_lm_head_rides_with_the_top_block():
+    model = Holder(m=LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, tie_word_embeddings=False, **SMALL)))
+    top = layer_groups(model)[-1]
+    assert not top.is_head and top.params[-2:] == ("m.model.norm.weight", "m.lm_head.weight")
 
 
 def test_vit_from_transformers_and_final_norm_joins_last_block():

@@ -159,7 +159,7 @@ def test_we_import_an_adapter_saved_by_hf_peft(tmp_path):
     peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "key", "dense"], task_type="SEQ_CLS"))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for _name, p in peft_model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     peft_model.eval()

@@ -16,6 +16,7 @@ from lightning_peft import (
     BitFitConfig,
     IA3Config,
     LoRAConfig,
+    adapter_batch,
     inject,
     merge,
     merge_and_unload,
@@ -206,6 +207,61 @@ def test_merge_and_unload_gives_plain_layers_and_the_same_outputs():
         torch.testing.assert_close(output(model, x), adapted, rtol=1e-4, atol=1e-4)
     assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
     assert type(model.classifier) is nn.Linear  # the trained copy of the head replaced the original
+
+
+def _lora_leaves(layer) -> dict[str, torch.Tensor]:
+    """Fresh leaf copies of the tensors the layer computes with (bias = base bias + the LoRA bias delta)."""
+    adapter = layer.adapters["default"]
+    bias = layer.base_layer.bias.detach() + adapter.bias_delta.detach()
+    return {k: v.detach().clone().requires_grad_() for k, v in
+            dict(weight=layer.base_layer.weight, bias=bias, lora_a=adapter.lora_A, lora_b=adapter.lora_B).items()}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_linear_layer_output_and_gradients_are_the_reference(dropout):
+    """What the layer runs off-GPU is ``kernels.lora_linear_reference``: same output and gradients on the same tensors."""
+    from lightning_peft.kernels import lora_linear_reference
+
+    torch.manual_seed(0)
+    model = holder(fc=nn.Linear(41, 37))
+    inject(model, LoRAConfig(r=5, alpha=10.0, dropout=dropout, target_modules=["fc"], modules_to_save=None, bias="lora_only"))
+    model.fc.base_layer.requires_grad_(True)
+    randomize(model)
+    leaves = _lora_leaves(model.fc)
+    x = torch.randn(3, 9, 41, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    dy = torch.randn(3, 9, 37)
+    torch.manual_seed(1)
+    y = model(x)
+    torch.manual_seed(1)  # the same dropout mask
+    y_ref = lora_linear_reference(x_ref, leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"], 2.0, dropout)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    (y * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    adapter = model.fc.adapters["default"]
+    got = dict(x=x.grad, weight=model.fc.base_layer.weight.grad, bias=adapter.bias_delta.grad, lora_a=adapter.lora_A.grad, lora_b=adapter.lora_B.grad)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, x_ref.grad if name == "x" else leaves[name].grad, rtol=0, atol=0, msg=name)
+
+
+def test_lora_linear_layer_goes_through_the_reference_when_kernels_are_off(monkeypatch):
+    from lightning_peft.kernels import dispatch, use_kernels
+
+    model = holder(fc=nn.Linear(8, 6))
+    inject(model, LoRAConfig(r=2, target_modules=["fc"], modules_to_save=None))
+    calls = []
+    real = dispatch.lora_linear_reference
+    monkeypatch.setattr(dispatch, "lora_linear_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(4, 8)
+    model(x)  # CPU: the kernels do not apply
+    with use_kernels(False):
+        model(x)
+    model.fc.configs["default"].use_kernels = False
+    model(x)
+    assert calls == [1, 1, 1]
+    with adapter_batch(model, ["default", None, "default", None]):  # per-sample routing: the layer's own loop
+        model(x)
+    assert calls == [1, 1, 1]
 
 
 def test_lora_layer_runs_the_fused_kernel_when_it_applies(monkeypatch):

@@ -89,6 +89,23 @@ def test_greedy_generate_equals_a_manual_argmax_loop(factory, method):
             assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, logits)  # the prompt matters
 
 
+@pytest.mark.parametrize("factory", [gpt2, llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("method", GENERATION)
+def test_generate_without_the_cache_equals_with_it_and_the_argmax_loop(factory, method):
+    # the prefix methods used to hand back the cache they built when the caller asked for none, and generate fed
+    # it back: the prefix and the tokens were attended twice
+    model = prompted(factory, method)
+    ids = token_batch(2, 5)
+    mask = torch.ones_like(ids)
+    uncached = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=False)
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=True)
+    assert torch.equal(uncached, argmax_loop(model, ids, mask, 5))
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, use_cache=False).past_key_values is None  # as without an adapter
+        assert model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values.get_seq_length() == K + 5
+
+
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_a_hand_written_cached_loop_and_left_padding(method):
     model = prompted(llama, method)

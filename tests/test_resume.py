@@ -230,7 +230,7 @@ def optimizer_state(result: Run) -> dict[str, dict[str, Any]]:
 def assert_equal_tensors(expected: dict[str, Any], actual: dict[str, Any], what: str) -> None:
     assert actual.keys() == expected.keys(), what
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=lambda m: f"{what} {key}: {m}")
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=lambda m, key=key: f"{what} {key}: {m}")
 
 
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> bool:

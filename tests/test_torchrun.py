@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, tiny_overrides
 from test_ddp import RANK_VARIABLES, _free_port
+
+from conftest import REPO, tiny_overrides
 
 
 def test_torchrun_launches_scripts_train_with_hydra_overrides(tmp_path, tiny_bert_dir):
@@ -31,6 +32,6 @@ def test_torchrun_launches_scripts_train_with_hydra_overrides(tmp_path, tiny_ber
     # 32 training examples, batch 8: one epoch is 4 steps on one process, 2 when each of 2 ranks takes half
     assert metrics["final"]["global_step"] == 2
     assert (run_dir / "adapter" / "adapter.json").exists()
-    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    (ckpt,) = (run_dir / "checkpoints").glob("epoch*.ckpt")  # besides last.ckpt
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert any(".adapters.default.lora_B" in k for k in state) and not any(k.startswith("backbone.embeddings.word") for k in state)

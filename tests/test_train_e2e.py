@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from lightning_peft import TextClassifier, inject, list_adapters, load_adapter
-from lightning_peft.peft import adapter_state_dict, config_from_dict
 from lightning_peft.cli.train import train
+from lightning_peft.peft import adapter_state_dict, config_from_dict
 
 
 def _train_losses_by_epoch(run_dir: Path) -> dict[int, list[float]]:
@@ -52,7 +52,7 @@ def _backbone_change(run_dir: Path, pretrained_dir: str) -> set[str]:
     """Names of backbone tensors that differ between the run's saved checkpoint and the pretrained model."""
     from transformers import BertModel
 
-    (ckpt,) = (run_dir / "checkpoints").glob("*.ckpt")
+    (ckpt,) = (run_dir / "checkpoints").glob("epoch*.ckpt")  # besides last.ckpt
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     pretrained = BertModel.from_pretrained(pretrained_dir).state_dict()
     assert any(k.startswith("head.") for k in state)
@@ -96,7 +96,7 @@ def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_b
     cfg = compose(f"peft={method}", *overrides, "callbacks.model_checkpoint.monitor=null")
     metrics = train(cfg)
     assert metrics["train/loss"] > 0 and 0 <= metrics["val/acc"] <= 1
-    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    (ckpt,) = (tmp_path / "checkpoints").glob("epoch*.ckpt")  # besides last.ckpt
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not any(k.startswith("backbone.embeddings.word_embeddings") for k in state)  # adapter-only checkpoint
     saved = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
@@ -134,7 +134,7 @@ def test_adapter_and_prompt_methods_train_through_the_hydra_job(compose, tmp_pat
         small.append("peft.num_virtual_tokens=4")
     metrics = train(compose(f"peft={method}", *overrides, *small, "callbacks.model_checkpoint.monitor=null"))
     assert metrics["train/loss"] > 0 and 0 <= metrics["val/acc"] <= 1
-    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    (ckpt,) = (tmp_path / "checkpoints").glob("epoch*.ckpt")  # besides last.ckpt
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not any("embeddings.word_embeddings" in k and ".adapters." not in k for k in state)  # adapter-only checkpoint
     saved = json.loads((tmp_path / "adapter" / "adapter.json").read_text())

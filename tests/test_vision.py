@@ -12,9 +12,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vision_overrides
 from torch import nn
 
+from conftest import tiny_vision_overrides
 from lightning_peft import (
     PEFT,
     BitFitConfig,

@@ -7,8 +7,11 @@ from .freeze_backbone import FreezeBackbone
 from .gradual_unfreezing import GradualUnfreezing
 from .l2sp import L2SP
 from .metrics_json import MetricsJSON
+from .non_finite import NonFiniteError, NonFiniteGuard
 from .parameter_summary import ParameterSummary
 from .peft import PEFT
+from .rng_state import RNGState
+from .sigterm_checkpoint import SigtermCheckpoint
 
 __all__ = [
     "L2SP",
@@ -20,5 +23,9 @@ __all__ = [
     "FreezeBackbone",
     "GradualUnfreezing",
     "MetricsJSON",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "ParameterSummary",
+    "RNGState",
+    "SigtermCheckpoint",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -47,8 +49,9 @@ class DiscriminativeLR(LayerGroupCallback):
         verbose: bool = True,
     ) -> None:
         super().__init__(groups=groups, backbone=backbone, verbose=verbose)
-        if decay <= 0 or head_lr_mult <= 0:
-            raise ValueError(f"DiscriminativeLR: decay and head_lr_mult must be > 0, got {decay}, {head_lr_mult}")
+        for name, value in (("decay", decay), ("head_lr_mult", head_lr_mult)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"DiscriminativeLR: {name} must be a finite number > 0, got {value!r}")
         self.decay = decay
         self.head_lr_mult = head_lr_mult
         self.no_weight_decay = list(no_weight_decay) if isinstance(no_weight_decay, (list, tuple)) else bool(no_weight_decay)

@@ -11,15 +11,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from ..distributed.gradients import all_reduce_grads_mean_
+from ..features.pooling import layer_hidden
+from ..groups.freezing import set_requires_grad
+from ..groups.matching import match_module_names
 from ..losses.distillation import (
     hidden_state_loss,
     load_teacher,
     output_width,
     soft_target_loss,
 )
-from ..distributed.gradients import all_reduce_grads_mean_
-from ..groups.matching import match_module_names
 from ..optim.param_groups import add_param_group
+from ..utils.patching import Patch, patch_method
 
 __all__ = ["Distillation"]
 
@@ -34,14 +37,7 @@ def _logits(output: Any, who: str) -> Tensor:
 
 
 def _hidden(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    hidden = getattr(output, "last_hidden_state", None)
-    if isinstance(hidden, Tensor):
-        return hidden
-    raise TypeError(f"Distillation: cannot take hidden states from a layer output of type {type(output).__name__}.")
+    return layer_hidden(output, "Distillation: ")
 
 
 def _one(root: nn.Module, pattern: str, what: str) -> str:
@@ -121,8 +117,7 @@ class Distillation(pl.Callback):
         self.num_labels = num_labels
         self.projections = nn.ModuleDict()
         self._pairs: list[tuple[str, str, str]] = []  # (student module, teacher module, projection key or "")
-        self._module: pl.LightningModule | None = None
-        self._original_step: Any = None
+        self._step_patch: Patch | None = None
 
     @property
     def state_key(self) -> str:
@@ -142,7 +137,7 @@ class Distillation(pl.Callback):
                 "Distillation: the teacher is a submodule of the student, so it would be trained, moved and saved with it. "
                 "Keep it out of your LightningModule and pass it only to Distillation."
             )
-        teacher.requires_grad_(False)
+        set_requires_grad(teacher, False)
         teacher = trainer.precision_plugin.convert_module(teacher)
         self.teacher = teacher.to(trainer.strategy.root_device).eval()
         if self.student is not None:
@@ -212,23 +207,19 @@ class Distillation(pl.Callback):
 
     def _install(self, pl_module: pl.LightningModule) -> None:
         self._uninstall()
-        self._module = pl_module
-        self._original_step = pl_module.__dict__.get("training_step")
-        original = pl_module.training_step
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._step(pl_module, original, args, kwargs)
+        def wrap(original: Any) -> Any:
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                return self._step(pl_module, original, args, kwargs)
 
-        pl_module.training_step = training_step
+            return training_step
+
+        self._step_patch = patch_method(pl_module, "training_step", wrap)
 
     def _uninstall(self) -> None:
-        if self._module is None:
-            return
-        if self._original_step is not None:
-            self._module.training_step = self._original_step
-        else:
-            self._module.__dict__.pop("training_step", None)
-        self._module = None
+        if self._step_patch is not None:
+            self._step_patch.restore()
+            self._step_patch = None
 
     def _step(self, pl_module: pl.LightningModule, original: Any, args: tuple, kwargs: dict) -> Any:
         student = pl_module.get_submodule(self.student) if self.student else pl_module

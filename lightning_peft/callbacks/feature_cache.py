@@ -12,16 +12,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from ..features.store import FeatureStore, module_fingerprint, sample_keys
 from ..features.feature_point import FeaturePoint, find_feature_point
+from ..features.store import FeatureStore, module_fingerprint, sample_keys
+from ..features.verify import features_agree
+from ..groups.freezing import set_eval, set_requires_grad
 from ..groups.matching import format_names
-from .freeze_backbone import FreezeBackbone
-from .gradual_unfreezing import GradualUnfreezing
+from ..utils.atomic_files import ensure_writable_dir
+from ..utils.patching import Patch, patch_method
+from . import coordination
 
 __all__ = ["FeatureCache", "FeatureCacheStats"]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 @dataclass
 class FeatureCacheStats:
@@ -97,7 +97,7 @@ class FeatureCache(pl.Callback):
         self.stats = FeatureCacheStats()
         self._meta: dict[str, Any] = {}
         self._owner: torch.nn.Module | None = None
-        self._had_forward = False
+        self._forward_patch: Patch | None = None
         self._from_disk = False
         self._dirty = False
         self._calls = 0
@@ -112,17 +112,19 @@ class FeatureCache(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for callback in trainer.callbacks:
-            if isinstance(callback, GradualUnfreezing) or (isinstance(callback, FreezeBackbone) and callback.train_top > 0):
-                raise ValueError(
-                    f"FeatureCache caches the output of a frozen backbone, but {type(callback).__name__} trains part of "
-                    "it, so its features change. Use FeatureCache with a linear probe (FreezeBackbone(train_top=0) or no "
-                    "freezing callback), or drop FeatureCache."
-                )
+        if self.cache_dir is not None:
+            ensure_writable_dir(self.cache_dir, "FeatureCache cache_dir")  # fail now, not after the first epoch
+        coordination.prepare_model(trainer, pl_module)  # adapters injected first, whatever the callback order
+        training = coordination.declaring(trainer, "trains_backbone")
+        if training:
+            raise ValueError(
+                f"FeatureCache caches the output of a frozen backbone, but {type(training[0]).__name__} trains part of "
+                "it, so its features change. Use FeatureCache with a linear probe (FreezeBackbone(train_top=0) or no "
+                "freezing callback), or drop FeatureCache."
+            )
         self.point = find_feature_point(pl_module, self.head, self.backbone)
         if self.freeze:
-            for module in self.point.feature_modules(pl_module):
-                module.requires_grad_(False)
+            set_requires_grad(self.point.feature_modules(pl_module), False)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         point = self.point
@@ -161,8 +163,7 @@ class FeatureCache(pl.Callback):
         self._install(owner, head)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        for module in self.point.feature_modules(pl_module):  # Lightning calls model.train() every epoch
-            module.eval()
+        set_eval(self.point.feature_modules(pl_module))  # Lightning calls model.train() every epoch
         self._calls = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -196,8 +197,10 @@ class FeatureCache(pl.Callback):
     def _install(self, owner: torch.nn.Module, head: torch.nn.Module) -> None:
         self._uninstall()
         self._owner = owner
-        self._had_forward = "forward" in owner.__dict__
-        original = owner.forward
+        self._forward_patch = patch_method(owner, "forward", lambda original: self._cached_forward(original, head))
+
+    def _cached_forward(self, original: Any, head: torch.nn.Module) -> Any:
+        """The owner's ``forward`` for the fit: the head on cached features when the whole batch is cached."""
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             self._calls += 1
@@ -216,18 +219,12 @@ class FeatureCache(pl.Callback):
                 self._verify(keys, features)
             return out
 
-        owner.forward = forward  # instance attribute: shadows the class's forward until _uninstall
-        owner._lightning_peft_original_forward = original
+        return forward
 
     def _uninstall(self) -> None:
-        owner = self._owner
-        if owner is None:
-            return
-        if self._had_forward:
-            owner.forward = owner._lightning_peft_original_forward
-        else:
-            owner.__dict__.pop("forward", None)
-        owner.__dict__.pop("_lightning_peft_original_forward", None)
+        if self._forward_patch is not None:
+            self._forward_patch.restore()
+            self._forward_patch = None
         self._owner = None
 
     def _run_original(self, original: Any, head: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
@@ -262,10 +259,8 @@ class FeatureCache(pl.Callback):
     def _verify(self, keys: list[bytes], fresh: Tensor) -> None:
         """Compare a fresh pass with the cache (first fully cached batch of the fit)."""
         stored = self.store.lookup(keys, device=fresh.device)
-        tolerance = self.tolerance or (5e-2 if fresh.dtype in _LOW_PRECISION else 1e-3)
-        scale = max(1.0, stored.abs().max().item())
-        error = (fresh.float() - stored.float()).abs().max().item()
-        if stored.shape == fresh.shape and error <= tolerance * scale:
+        agree, error = features_agree(stored, fresh, self.tolerance)
+        if agree:
             self.stats.verified = True
             return
         if self._from_disk:

@@ -53,6 +53,10 @@ class FreezeBackbone(LayerGroupCallback):
         self.freezer: LayerFreezer | None = None
 
     @property
+    def trains_backbone(self) -> bool:  # type: ignore[override]
+        return self.train_top > 0
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(train_top=self.train_top, groups=self.group_patterns, backbone=self.backbone)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ class GradualUnfreezing(LayerGroupCallback):
     freezes = True
     shapes_optimizer = True
     adopts_frozen = True
+    trains_backbone = True
 
     def __init__(
         self,
@@ -64,10 +66,13 @@ class GradualUnfreezing(LayerGroupCallback):
         super().__init__(groups=groups, backbone=backbone, verbose=verbose)
         if epochs is not None and steps is not None:
             raise ValueError("GradualUnfreezing: give either epochs=[...] or steps=[...] milestones, not both.")
-        if epochs is None and steps is None and (every_n_epochs is None or every_n_epochs < 1):
-            raise ValueError(f"GradualUnfreezing: every_n_epochs must be >= 1 (or give epochs/steps), got {every_n_epochs}")
-        if groups_per_stage < 1 or initial < 0:
-            raise ValueError(f"GradualUnfreezing: groups_per_stage must be >= 1 and initial >= 0, got {groups_per_stage}, {initial}")
+        if epochs is None and steps is None:
+            _check_int("every_n_epochs", every_n_epochs, 1, " (or give epochs=[...] or steps=[...])")
+        _check_int("groups_per_stage", groups_per_stage, 1)
+        _check_int("initial", initial, 0)
+        for name, milestones in (("epochs", epochs), ("steps", steps)):
+            for value in milestones if milestones is not None else ():
+                _check_int(f"{name} milestone", value, 0, f" in {name}={list(milestones)} (a negative one would count as already passed)")
         self.every_n_epochs = every_n_epochs
         self.epochs = sorted(epochs) if epochs is not None else None
         self.steps = sorted(steps) if steps is not None else None
@@ -97,6 +102,13 @@ class GradualUnfreezing(LayerGroupCallback):
 
     def on_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.freezer = LayerFreezer(pl_module, self.groups, train_bn=self.train_bn)
+        depth = len(self.freezer.backbone)
+        if self.initial and self.initial >= depth:
+            raise ValueError(
+                f"GradualUnfreezing: initial={self.initial} but the model has {depth} backbone layer group(s) "
+                f"({', '.join(g.name for g in self.freezer.backbone)}), so every group would train from step 0 and nothing "
+                f"is unfrozen gradually. Use initial < {depth}, or drop GradualUnfreezing for full fine-tuning."
+            )
         self._set_top(self._restored_top if self._restored_top is not None else self.initial, announce=False)
 
     def _set_top(self, top: int, announce: bool = True) -> None:
@@ -139,3 +151,8 @@ class GradualUnfreezing(LayerGroupCallback):
         self._restored_top = state_dict.get("top")
         if self.freezer is not None and self._restored_top is not None:  # setup already ran: apply before DDP wraps
             self._set_top(self._restored_top, announce=False)
+
+
+def _check_int(name: str, value: object, minimum: int, context: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"GradualUnfreezing: {name} must be >= {minimum} (an integer){context}, got {value!r}")

@@ -8,14 +8,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..groups.backbone import find_backbone
+from ..groups.backbone import head_parameters
 from ..losses.l2sp import add_penalty_grad_, l2sp_penalty
 
 __all__ = ["L2SP"]
-
-
-def _inside(name: str, modules: tuple[str, ...]) -> bool:
-    return any(m == "" or name.startswith(m + ".") for m in modules)
 
 
 class L2SP(pl.Callback):
@@ -40,7 +36,8 @@ class L2SP(pl.Callback):
         alpha: weight of ``‖θ − θ₀‖²`` (the L2-SP paper's α/2).
         beta: weight of plain L2 on the head's trainable parameters (the paper's β/2); 0 disables it.
         backbone: patterns naming the pretrained backbone when it is not recognised automatically;
-            head = everything outside it (and the classifier of a torchvision/timm model).
+            the head is :func:`~lightning_peft.groups.backbone.head_parameters` (a language model's
+            ``lm_head`` is pretrained, so it is pulled toward its start like the backbone).
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[L2SP(alpha=0.01, beta=0.001)])  # doctest: +SKIP
@@ -64,10 +61,10 @@ class L2SP(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        split = find_backbone(pl_module, self.backbone)
+        head = set(head_parameters(pl_module, self.backbone))
         named = dict(pl_module.named_parameters())
-        self.backbone_params = {n: p for n, p in named.items() if _inside(n, split.backbone) and not _inside(n, split.head)}
-        self.head_params = {n: p for n, p in named.items() if n not in self.backbone_params}
+        self.backbone_params = {n: p for n, p in named.items() if n not in head}
+        self.head_params = {n: p for n, p in named.items() if n in head}
         rank_zero_info(
             f"L2SP: pulling the trainable ones of {len(self.backbone_params)} backbone tensors toward their pretrained values "
             f"(alpha={self.alpha}); plain L2 on {len(self.head_params)} head tensors (beta={self.beta})."

@@ -19,7 +19,7 @@ from torch import nn
 from ..groups.layer_groups import LayerGroup, format_layer_groups, layer_groups
 from ..groups.matching import format_names
 from ..optim.param_groups import Placement, regroup_optimizer
-from .peft import PEFT
+from . import coordination
 
 __all__ = ["LayerGroupCallback", "apply_optimizer_policies", "describe_param_groups"]
 
@@ -37,6 +37,7 @@ class LayerGroupCallback(pl.Callback):
     """
 
     freezes = False  # owns requires_grad (at most one such callback per Trainer)
+    trains_backbone = False  # some backbone parameters train at some point (FeatureCache refuses to cache then)
     shapes_optimizer = False  # contributes placements to the optimizer groups
     adopts_frozen = False  # frozen parameters missing from the optimizer must be added
 
@@ -51,15 +52,13 @@ class LayerGroupCallback(pl.Callback):
         if stage != "fit":
             return
         if self.freezes:
-            owners = [type(c).__name__ for c in trainer.callbacks if isinstance(c, LayerGroupCallback) and c.freezes]
+            owners = [type(c).__name__ for c in coordination.declaring(trainer, "freezes")]
             if len(owners) > 1:
                 raise ValueError(
                     f"Only one freezing callback per Trainer: got {', '.join(owners)}. GradualUnfreezing(initial=k) "
                     "already starts like FreezeBackbone(train_top=k)."
                 )
-        for callback in trainer.callbacks:  # adapters first: the groups then hold them, and only they train
-            if isinstance(callback, PEFT):
-                callback.ensure_injected(trainer, pl_module)
+        coordination.prepare_model(trainer, pl_module)  # adapters first: the groups then hold them, and only they train
         self.groups = layer_groups(pl_module, self.group_patterns, self.backbone)
         self.group_of = {n: g.name for g in self.groups for n in g.params}
         self.on_groups(trainer, pl_module)
@@ -85,7 +84,7 @@ def apply_optimizer_policies(trainer: pl.Trainer, pl_module: pl.LightningModule)
     Runs at ``on_fit_start``: after ``configure_optimizers`` and before Lightning loads optimizer and
     scheduler state on resume, so restored states meet the same group structure they were saved with.
     """
-    policies = [c for c in trainer.callbacks if isinstance(c, LayerGroupCallback) and c.shapes_optimizer]
+    policies = [c for c in coordination.declaring(trainer, "shapes_optimizer") if isinstance(c, LayerGroupCallback)]
     optimizers = [o for o in trainer.optimizers if not getattr(o, _REGROUPED, False)]
     if not policies or not optimizers:
         return
@@ -101,8 +100,8 @@ def apply_optimizer_policies(trainer: pl.Trainer, pl_module: pl.LightningModule)
         present = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
         # Only what a freezer may unfreeze: never the parameters frozen before it (a base under adapters).
         may_train: set[str] = set()
-        for c in trainer.callbacks:
-            if isinstance(c, LayerGroupCallback) and getattr(c, "freezer", None) is not None:
+        for c in coordination.declaring(trainer, "freezes"):
+            if getattr(c, "freezer", None) is not None:
                 may_train |= c.freezer.user_trainable
         names = [n for n, p in pl_module.named_parameters() if id(p) not in present and n in may_train]
         params = dict(pl_module.named_parameters())

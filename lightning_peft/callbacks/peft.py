@@ -23,21 +23,24 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..groups.freezing import set_batchnorm_eval
-from ..groups.matching import format_names
-from ..utils.param_count import count_parameters
-from ..peft.checkpoint import AdapterOnlyCheckpoints
-from ..peft.config import MethodConfig
-from ..peft.adapter_files import adapter_metadata, export_peft, save_adapter
-from ..peft.layer import AdapterDict, adapter_layers
-from ..peft.functional import inject, list_adapters, set_adapter
-from ..peft.quantization import base_weight_memory
-from ..peft.registry import config_from_dict
 from ..distributed.fsdp import (
     gathered_parameters,
     replicated_modules,
     sync_replicated_gradients,
 )
+from ..groups.freezing import frozen_batchnorms, set_eval
+from ..groups.matching import format_names
+from ..peft.adapter_files import adapter_metadata, export_peft, save_adapter
+from ..peft.checkpoint import AdapterOnlyCheckpoints
+from ..peft.config import MethodConfig
+from ..peft.config_input import as_method_config
+from ..peft.functional import inject, list_adapters, set_adapter
+from ..peft.layer import AdapterDict, adapter_layers
+from ..peft.quantization import base_weight_memory
+from ..utils.atomic_files import ensure_writable_dir
+from ..utils.param_count import count_parameters
+from ..utils.patching import Patch, patch_method
+from . import coordination
 
 __all__ = ["PEFT"]
 
@@ -63,20 +66,17 @@ class _FirstStepProbe:
             handle.remove()
 
 
-def frozen_batchnorms(module: nn.Module) -> list[_BatchNorm]:
-    """BatchNorm layers of ``module`` with no trainable parameter, outside every adapter (the frozen base's)."""
-    in_adapters = {id(m) for d in module.modules() if isinstance(d, AdapterDict) for m in d.modules()}
-    return [
-        m for m in module.modules()
-        if isinstance(m, _BatchNorm) and id(m) not in in_adapters and not any(p.requires_grad for p in m.parameters())
-    ]
+def base_batchnorms(module: nn.Module) -> list[_BatchNorm]:
+    """BatchNorm layers of the frozen base: no trainable parameter, outside every adapter container."""
+    return frozen_batchnorms(module, exclude=[m for m in module.modules() if isinstance(m, AdapterDict)])
 
 
 class PEFT(pl.Callback):
     """Fine-tune any LightningModule with a parameter-efficient method, leaving the module's code as it is.
 
     Args:
-        config: the method, e.g. ``LoRAConfig(r=8)``, ``IA3Config()``, ``BitFitConfig()`` (or its dict with ``method``).
+        config: the method, e.g. ``LoRAConfig(r=8)``, ``IA3Config()``, ``BitFitConfig()``; or its dict with ``method``,
+            or LightningCLI's ``{class_path: lightning_peft.LoRAConfig, init_args: {...}}``.
         adapter_name: name of the adapter (several PEFT callbacks can add several adapters).
         adapter_only_checkpoint: Lightning checkpoints hold only the adapter, trainable parameters and
             buffers (small files); resuming and ``trainer.validate(ckpt_path=...)`` work as usual.
@@ -105,7 +105,7 @@ class PEFT(pl.Callback):
         verbose: bool = True,
         train_bn: bool = False,
     ) -> None:
-        self.config = config if isinstance(config, MethodConfig) else config_from_dict(dict(config))
+        self.config = as_method_config(config)
         self.adapter_name = adapter_name
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.save_dir = Path(save_dir) if save_dir is not None else None
@@ -116,9 +116,9 @@ class PEFT(pl.Callback):
         self._frozen_batchnorms: list[_BatchNorm] = []
         self._checked = False
         self._probe: _FirstStepProbe | None = None
-        self._checkpoints = AdapterOnlyCheckpoints() if adapter_only_checkpoint else None
+        self._checkpoints = AdapterOnlyCheckpoints(adapter_only=adapter_only_checkpoint)  # also explains checkpoints that do not fit
         self._module: nn.Module | None = None
-        self._deferred = False
+        self._configure_patch: Patch | None = None
 
     @property
     def state_key(self) -> str:
@@ -127,56 +127,67 @@ class PEFT(pl.Callback):
     # --- injection ------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.adapter_only_checkpoint and isinstance(trainer.strategy, FSDPStrategy):
+        self.check_strategy(trainer)
+        if stage == "fit" and self.save_dir is not None and trainer.is_global_zero:
+            ensure_writable_dir(self.save_dir, "PEFT save_dir")  # fail now, not after training
+        coordination.prepare_model(trainer, pl_module)  # every PEFT callback, in list order, whoever asks first
+
+    def check_strategy(self, trainer: pl.Trainer | None) -> None:
+        """Refuse what the strategy cannot do (adapter-only checkpoints under FSDP)."""
+        if self.adapter_only_checkpoint and isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
             raise ValueError(
                 "PEFT(adapter_only_checkpoint=True) is not supported with FSDP yet: FSDP re-keys the state it loads, so "
                 "the frozen base cannot be filled in safely. Use full checkpoints (adapter_only_checkpoint=False; the "
                 "adapter itself is still written to save_dir, gathered from all shards) or strategy='ddp'."
             )
-        self.ensure_injected(trainer, pl_module)
 
-    def ensure_injected(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Inject now, or right after the module's ``configure_model`` when it builds its model there (idempotent).
 
-        Layer-group callbacks call this first, so they see the adapter whatever the callback order.
+        Called through :func:`~lightning_peft.callbacks.coordination.prepare_model` by every callback that
+        needs the final model, so they see the adapter whatever the callback order.
         """
-        if is_overridden("configure_model", pl_module) and not getattr(pl_module, "_lightning_peft_configured", False):
-            if not self._deferred:
-                self._after_configure_model(trainer, pl_module)
-                self._deferred = True
+        if is_overridden("configure_model", pl_module):
+            if self._configure_patch is None or not self._configure_patch.active:
+                self._configure_patch = patch_method(pl_module, "configure_model", lambda original: self._after(original, trainer, pl_module))
             return
         self.inject_now(trainer, pl_module)
 
-    def _after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The module builds its model in ``configure_model`` (after ``setup``): inject right after it."""
-        original = pl_module.configure_model
-        if getattr(original, "_lightning_peft_hooks", None) is not None:
-            original._lightning_peft_hooks.append(lambda: self.inject_now(trainer, pl_module))
-            return
-        hooks = [lambda: self.inject_now(trainer, pl_module)]
+    ensure_injected = prepare_model  # the name layer-group callbacks used before coordination.prepare_model
+
+    def _after(self, original: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """``configure_model`` that injects right after the module's own (which builds the model, after ``setup``)."""
 
         def configure_model() -> None:
             original()
-            pl_module._lightning_peft_configured = True
-            for hook in hooks:
-                hook()
+            self.inject_now(trainer, pl_module)
 
-        configure_model._lightning_peft_hooks = hooks
-        pl_module.configure_model = configure_model
+        return configure_model
 
-    def inject_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _restore_module(self) -> None:
+        if self._configure_patch is not None:
+            self._configure_patch.restore()
+            self._configure_patch = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_module()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_module()
+
+    def inject_now(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
         """Inject the adapter if it is not there yet (idempotent: fit, then validate, inject once)."""
         self._module = pl_module
         if self.adapter_name in list_adapters(pl_module):
             if self._checkpoints is not None:
                 self._checkpoints.attach(pl_module)
-            self._frozen_batchnorms = [] if self.train_bn else frozen_batchnorms(pl_module)
+            self._frozen_batchnorms = [] if self.train_bn else base_batchnorms(pl_module)
             self._replicate_under_fsdp(trainer, pl_module)
             return
         inject(pl_module, self.config, self.adapter_name)
-        self._frozen_batchnorms = [] if self.train_bn else frozen_batchnorms(pl_module)
+        self._frozen_batchnorms = [] if self.train_bn else base_batchnorms(pl_module)
         self._replicate_under_fsdp(trainer, pl_module)
-        others = [c for c in trainer.callbacks if isinstance(c, PEFT) and c is not self and c.adapter_name in list_adapters(pl_module)]
+        others = [c for c in coordination.peers(trainer, self) if c.adapter_name in list_adapters(pl_module)]
         if others:  # several PEFT callbacks: every injected adapter stays active and trains
             set_adapter(pl_module, list(dict.fromkeys([*(c.adapter_name for c in others), self.adapter_name])))
         if self._checkpoints is not None:
@@ -197,14 +208,14 @@ class PEFT(pl.Callback):
     # --- FSDP: the base is sharded, the adapters are replicated --------------------------------
 
     @staticmethod
-    def _replicate_under_fsdp(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _replicate_under_fsdp(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
         """Under ``FSDPStrategy`` (before it wraps the model): the adapters become FSDP ``ignored_states`` on the root device.
 
         FSDP then shards only the frozen base (uniform ``requires_grad`` in every flat parameter), and the
         adapters stay whole on every rank; their gradients are averaged in ``on_before_optimizer_step``.
         """
-        strategy = trainer.strategy
-        if not isinstance(strategy, FSDPStrategy) or strategy.model is not None and strategy.model is not pl_module:
+        strategy = getattr(trainer, "strategy", None)
+        if not isinstance(strategy, FSDPStrategy) or (strategy.model is not None and strategy.model is not pl_module):
             return  # not FSDP, or already wrapped
         key = "ignored_modules" if strategy.kwargs.get("ignored_modules") is not None else "ignored_states"
         ignored = list(strategy.kwargs.get(key) or [])
@@ -215,18 +226,18 @@ class PEFT(pl.Callback):
                 module.to(strategy.root_device)  # FSDP moves only what it manages
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if isinstance(trainer.strategy, FSDPStrategy) and self is next(c for c in trainer.callbacks if isinstance(c, PEFT)):
+        if isinstance(trainer.strategy, FSDPStrategy) and coordination.first_of_kind(trainer, self):
             sync_replicated_gradients(pl_module)  # once for all adapters, before gradient clipping
 
     # --- BatchNorm of the frozen base -----------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        set_batchnorm_eval(self._frozen_batchnorms)  # Lightning calls model.train() at every epoch start
+        set_eval(self._frozen_batchnorms)  # Lightning calls model.train() at every epoch start
 
     # --- the gradient-checkpointing trap --------------------------------------------------------
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        set_batchnorm_eval(self._frozen_batchnorms)  # also after a mid-epoch validation put the model back in train mode
+        set_eval(self._frozen_batchnorms)  # also after a mid-epoch validation put the model back in train mode
         if self.check_gradients and not self._checked and self._probe is None:
             self._probe = _FirstStepProbe(pl_module, self.adapter_name)
 

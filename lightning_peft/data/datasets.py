@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +16,36 @@ __all__ = ["DATASETS", "TextDataset", "load_text_dataset", "stratified_split"]
 
 @dataclass
 class TextDataset:
-    """Texts with integer labels; ``label_names[i]`` names class ``i``."""
+    """Texts with integer labels; ``label_names[i]`` names class ``i``.
+
+    ``rows`` optionally says where each example comes from (``"reviews.csv line 7"``), for errors.
+    """
 
     texts: list[str]
     labels: list[int]
     label_names: list[str]
+    rows: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if self.rows is not None and len(self.rows) != len(self.labels):
+            raise ValueError(f"{len(self.rows)} rows but {len(self.labels)} labels")
+        n = len(self.label_names)
+        for i, label in enumerate(self.labels):
+            if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < n:
+                raise ValueError(
+                    f"{self.where(i)}: label {label!r} is not a class index: labels must be integers 0..{n - 1}, "
+                    f"one per name in label_names={self.label_names}"
+                )
+
+    def where(self, i: int) -> str:
+        """Where example ``i`` comes from: its file and line when known, else its index."""
+        return self.rows[i] if self.rows is not None else f"example {i}"
 
     def subset(self, indices: list[int]) -> TextDataset:
-        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
+        rows = [self.rows[i] for i in indices] if self.rows is not None else None
+        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names, rows)
 
 
 def load_bbc_news(path: str | None = None) -> TextDataset:
@@ -52,23 +71,63 @@ def load_bbc_news(path: str | None = None) -> TextDataset:
 
 
 def load_table(path: str, text_column: str = "text", label_column: str = "label") -> TextDataset:
-    """A ``.csv``/``.tsv`` file with a header row, or ``.jsonl`` with one object per line."""
+    """A ``.csv``/``.tsv`` file with a header row, or ``.jsonl`` with one object per line.
+
+    Every row needs a text and a non-empty label; classes are the distinct labels, sorted by name.
+    """
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"data.path={path!r} does not exist")
-    if file.suffix == ".jsonl":
-        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        with file.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if file.suffix == ".tsv" else ","))
+    rows = _read_jsonl(file) if file.suffix == ".jsonl" else _read_delimited(file)
     if not rows:
         raise ValueError(f"{path} holds no rows")
+    first = rows[0][1]
     for column in (text_column, label_column):
-        if column not in rows[0]:
-            raise KeyError(f"Column {column!r} not in {path}; columns there: {sorted(rows[0])}")
-    names = sorted({str(r[label_column]) for r in rows})
+        if column not in first:
+            raise KeyError(f"Column {column!r} not in {path}; columns there: {sorted(k for k in first if k is not None)}")
+    texts, labels, where = [], [], []
+    for line, row in rows:
+        at = f"{file.name} line {line}"
+        text, label = row.get(text_column), row.get(label_column)
+        if text is None:
+            raise ValueError(f"{at}: no {text_column!r} field (text_column); every row needs a text")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            what = "no" if label is None else "an empty"
+            raise ValueError(
+                f"{at}: {what} {label_column!r} field (label_column); every row needs a label. "
+                "Fill it in or remove the row"
+            )
+        if isinstance(label, (dict, list)):
+            raise ValueError(f"{at}: the {label_column!r} field is {label!r}; a label is a single name or number")
+        texts.append(str(text))
+        labels.append(str(label))
+        where.append(at)
+    names = sorted(set(labels))
     index = {n: i for i, n in enumerate(names)}
-    return TextDataset([str(r[text_column]) for r in rows], [index[str(r[label_column])] for r in rows], names)
+    return TextDataset(texts, [index[n] for n in labels], names, where)
+
+
+def _read_delimited(file: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for each data row of a CSV/TSV file with a header row."""
+    with file.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t" if file.suffix == ".tsv" else ",")
+        return [(reader.line_num, row) for row in reader]  # the row's (last) line, counting the header and blank lines
+
+
+def _read_jsonl(file: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file."""
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file.name} line {number}: not valid JSON ({e.msg}); each line holds one object") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{file.name} line {number}: expected a JSON object with the columns, got {type(row).__name__}")
+        rows.append((number, row))
+    return rows
 
 
 DATASETS: dict[str, Callable[..., TextDataset]] = {"bbc_news": load_bbc_news, "table": load_table}

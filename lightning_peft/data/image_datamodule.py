@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import stratified_split
 from .images import ImageDataset, load_image_dataset
+from .labels import check_model_classes, model_num_classes
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageClassificationDataModule"]
 
@@ -119,6 +120,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.label_names: list[str] = []
+        self.data: ImageDataset | None = None  # the whole loaded set, before the split
         self.train_set: _Images | None = None
         self.val_set: _Images | None = None
 
@@ -129,8 +131,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return len(self.label_names)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        if self.train_set is None:
+            self._load()
+        if self.data is not None:  # under a Trainer: labels against the model's outputs, naming the image
+            check_model_classes(model_num_classes(self.trainer), self.data.labels, self.data.label_names, lambda i: f"image {i}")
+
+    def _load(self) -> None:
         data = load_image_dataset(self.dataset, **self.dataset_kwargs)
         if data.images.shape[1] not in (1, self.channels):
             raise ValueError(f"{self.dataset} images have {data.images.shape[1]} channels; the model takes {self.channels}")
@@ -140,6 +146,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name}={size} but the split holds {len(available)} examples (val_fraction={self.val_fraction})")
         train_idx = balanced_prefix(train_idx, data.labels, self.train_size)
         val_idx = balanced_prefix(val_idx, data.labels, self.val_size)
+        self.data = data
         self.label_names = list(data.label_names)
         self.train_set = _Images(data.subset(train_idx), self._augmentation() if self.augment else None)
         self.val_set = _Images(data.subset(val_idx))

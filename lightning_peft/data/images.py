@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,13 @@ class ImageDataset:
             raise ValueError(f"images must be a (N, C, H, W) uint8 tensor, got {self.images.dtype} of shape {tuple(self.images.shape)}")
         if self.images.shape[0] != len(self.labels):
             raise ValueError(f"{self.images.shape[0]} images but {len(self.labels)} labels")
+        n = len(self.label_names)
+        for i, label in enumerate(self.labels):
+            if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < n:
+                raise ValueError(
+                    f"image {i}: label {label!r} is not a class index: labels must be integers 0..{n - 1}, "
+                    f"one per name in label_names={self.label_names}"
+                )
 
     def subset(self, indices: list[int]) -> ImageDataset:
         return ImageDataset(self.images[torch.as_tensor(indices, dtype=torch.long)], [self.labels[i] for i in indices], self.label_names)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from ..models.pretrained import load_tokenizer
 from .datasets import TextDataset, load_text_dataset, stratified_split
+from .labels import check_model_classes, model_num_classes
 
 __all__ = ["TextClassificationDataModule"]
 
@@ -40,7 +41,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         max_length: truncate texts to this many tokens.
         batch_size: examples per batch (validation uses the same).
         val_fraction: share of each class held out for validation.
-        train_size / val_size: optionally keep only this many examples (after the split), for quick runs.
+        train_size / val_size: optionally keep only this many examples (after the split), for quick runs;
+            ``None`` keeps all.
         split_seed: seed of the split and subsampling (independent of the training seed).
         num_workers: DataLoader workers.
         dataset_kwargs: passed to the data set loader (e.g. ``path``, ``text_column``, ``label_column``).
@@ -60,6 +62,9 @@ class TextClassificationDataModule(pl.LightningDataModule):
         dataset_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        for name, size in (("train_size", train_size), ("val_size", val_size)):
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ValueError(f"{name} must be a positive integer, or None to keep every example; got {size!r}")
         self.dataset = dataset
         self.tokenizer_name = tokenizer
         self.max_length = max_length
@@ -71,6 +76,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.label_names: list[str] = []
+        self.data: TextDataset | None = None  # the whole loaded set, before the split
         self.train_set: _Encoded | None = None
         self.val_set: _Encoded | None = None
         self.tokenizer = None
@@ -87,12 +93,19 @@ class TextClassificationDataModule(pl.LightningDataModule):
         return _Encoded({k: enc[k] for k in keep}, data.labels)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        if self.train_set is None:
+            self._load()
+        # Under a Trainer, also check the labels against the model's outputs (fails here, naming the row,
+        # rather than in cross_entropy with "Target 5 is out of bounds").
+        if self.data is not None:
+            check_model_classes(model_num_classes(self.trainer), self.data.labels, self.data.label_names, self.data.where)
+
+    def _load(self) -> None:
         data = load_text_dataset(self.dataset, **self.dataset_kwargs)
         train_idx, val_idx = stratified_split(data.labels, self.val_fraction, self.split_seed)
-        train_idx = train_idx[: self.train_size] if self.train_size else train_idx
-        val_idx = val_idx[: self.val_size] if self.val_size else val_idx
+        train_idx = train_idx[: self.train_size] if self.train_size is not None else train_idx
+        val_idx = val_idx[: self.val_size] if self.val_size is not None else val_idx
+        self.data = data
         self.label_names = list(data.label_names)
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         self.train_set = self._encode(data.subset(train_idx))

@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..groups.matching import clean_name
 from ..peft.layer import AdapterDict
+from .gradients import all_reduce_grads_mean_
 
 __all__ = ["DEFAULT_BLOCKS", "FSDPBlockPolicy", "clean_name", "gathered_parameters", "replicated_modules", "sync_replicated_gradients"]
 
@@ -65,33 +65,12 @@ def replicated_modules(model: nn.Module) -> list[nn.Module]:
 def sync_replicated_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
     """Average the gradients of the replicated adapter parameters over the ranks, as DDP would; returns their count.
 
-    FSDP reduces only the gradients of what it shards. One all-reduce over a flat buffer; a parameter that
-    got no gradient on any rank keeps ``grad=None`` (it did not take part), one that got it on some ranks
-    gets the average with zeros from the others. A no-op outside an initialised process group.
+    FSDP reduces only the gradients of what it shards. The averaging is
+    :func:`~lightning_peft.distributed.gradients.all_reduce_grads_mean_` (one all-reduce; a parameter with
+    no gradient on any rank keeps ``grad=None``). A no-op returning 0 outside a process group of several ranks.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
     params = [p for m in replicated_modules(model) for p in m.parameters() if p.requires_grad]
-    if not params:
-        return 0
-    world = dist.get_world_size(group)
-    device = params[0].device  # the adapters live on the rank's device (the callback puts them there)
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float32) for p in params])
-    present = torch.tensor([p.grad is not None for p in params], device=device, dtype=torch.float32)
-    buffer = torch.cat([flat, present])
-    dist.all_reduce(buffer, group=group)
-    flat, present = buffer[: flat.numel()] / world, buffer[flat.numel():]
-    offset = 0
-    for p, had in zip(params, present.tolist()):
-        n = p.numel()
-        if had:
-            value = flat[offset: offset + n].view_as(p).to(p.dtype)
-            if p.grad is None:
-                p.grad = value.clone()
-            else:
-                p.grad.copy_(value)
-        offset += n
-    return len(params)
+    return all_reduce_grads_mean_(params, group)
 
 
 def _fsdp_units(model: nn.Module) -> list[nn.Module]:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..groups.backbone import find_backbone
+from ..groups.backbone import find_backbone, find_head
 from ..groups.matching import format_names, match_module_names
+from ..utils.names import is_inside, join, relative
 
 __all__ = ["FeaturePoint", "find_feature_point"]
 
@@ -35,32 +36,16 @@ class FeaturePoint:
     def feature_modules(self, root: nn.Module) -> list[nn.Module]:
         """The owner's submodules that compute the head's input: everything but the head and its ancestors."""
         owner = root.get_submodule(self.owner)
-        head_path = _relative(self.owner, self.head)
+        head_path = relative(self.owner, self.head)
         out: list[nn.Module] = []
         node, prefix = owner, ""
         for part in head_path.split("."):
             for name, child in node.named_children():
                 if name != part:
                     out.append(child)
-            prefix = _join(prefix, part)
+            prefix = join(prefix, part)
             node = owner.get_submodule(prefix)
         return out
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
-def _contains(ancestor: str, name: str) -> bool:
-    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
-
-
-def _relative(owner: str, name: str) -> str:
-    return name[len(owner) + 1 :] if owner else name
 
 
 def _common_prefix(names: list[str]) -> str:
@@ -73,25 +58,21 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(common)
 
 
-def _auto_head(root: nn.Module, backbones: tuple[str, ...]) -> str:
-    """The topmost module holding every parameter outside the backbone, and no backbone."""
-    outside = [n for n, _ in root.named_parameters() if not any(_contains(b, n) for b in backbones)]
-    if not outside:
+def _auto_head(root: nn.Module, backbone: str | list[str] | tuple[str, ...] | None) -> str:
+    """The one module :func:`~lightning_peft.groups.backbone.find_head` calls the head."""
+    heads = find_head(root, backbone)
+    if not heads:
         raise ValueError(
-            f"{type(root).__name__} has no parameters outside its backbone ({format_names(backbones)}): there is no "
-            "head to train on cached features. Pass head='<module name>' naming the module that receives the features."
+            f"{type(root).__name__} has no parameters outside its backbone: there is no head to train on cached "
+            "features. Pass head='<module name>' naming the module that receives the features."
         )
-    candidate = _common_prefix([_parent(n) for n in outside])
-    if any(_contains(candidate, b) for b in backbones):
-        modules = sorted({_parent(n) for n in outside})
+    if len(heads) > 1:
         raise ValueError(
             f"The parameters outside the backbone of {type(root).__name__} sit in several modules "
-            f"({format_names(modules, 8)}), not in one head. Pass head='<module name>' naming the module whose input "
+            f"({format_names(heads, 8)}), not in one head. Pass head='<module name>' naming the module whose input "
             "is the feature vector."
         )
-    while candidate and not any(_contains(_parent(candidate), b) for b in backbones):
-        candidate = _parent(candidate)
-    return candidate
+    return heads[0]
 
 
 def find_feature_point(
@@ -103,9 +84,9 @@ def find_feature_point(
 
     Args:
         root: the user's module.
-        head: pattern (see :mod:`lightning_peft.groups.matching`) naming the head; default: the module
-            ``find_backbone`` calls head (torchvision/timm classifiers), else the topmost module that
-            holds every parameter outside the backbone (``TextClassifier.head``, including its dropout).
+        head: pattern (see :mod:`lightning_peft.groups.matching`) naming the head; default: the one
+            module :func:`~lightning_peft.groups.backbone.find_head` finds (torchvision/timm classifiers,
+            ``TextClassifier.head`` including its dropout).
         backbone: patterns naming the backbone when it is not recognised automatically.
 
     Raises:
@@ -117,13 +98,9 @@ def find_feature_point(
         if len(names) != 1:
             raise ValueError(f"head pattern {head!r} matched {len(names)} modules ({format_names(names, 8)}); name exactly one.")
         head_name = names[0]
-    elif len(split.head) == 1:
-        head_name = split.head[0]
-    elif len(split.head) > 1:
-        raise ValueError(f"Several heads found ({format_names(split.head)}); pass head='<module name>' to choose one.")
     else:
-        head_name = _auto_head(root, split.backbone)
-    if any(_contains(head_name, b) for b in split.backbone):
+        head_name = _auto_head(root, backbone)
+    if any(is_inside(head_name, b) for b in split.backbone):
         raise ValueError(f"head {head_name!r} contains the backbone ({format_names(split.backbone)}); name the module after the pooling.")
     owner = _common_prefix([head_name, *split.backbone])
     return FeaturePoint(owner=owner, head=head_name, backbone=split.backbone)

@@ -20,14 +20,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..groups.backbone import find_backbone
-from .store import FeatureStore, module_fingerprint, sample_keys
-from .feature_point import find_feature_point
 from ..groups.matching import format_names, match_module_names
-from .pooling import pool
+from .feature_point import find_feature_point
+from .pooling import EXTRACT_POOLINGS, pool_output
+from .store import FeatureStore, module_fingerprint, sample_keys
+from .verify import features_agree
 
 __all__ = ["EXTRACT_POOLINGS", "FeatureSet", "extract_features", "fit_classifier", "pool_output"]
-
-EXTRACT_POOLINGS = ("head_input", "cls", "mean", "last", "pooler", "avg", "flatten")
 
 
 @dataclass
@@ -40,41 +39,6 @@ class FeatureSet:
 
 class _Stop(Exception):
     """Raised by the capture hook: nothing after the chosen layer needs to run."""
-
-
-def _hidden(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if getattr(output, "last_hidden_state", None) is not None:
-        return output.last_hidden_state
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"Cannot take features from a layer output of type {type(output).__name__}; choose another layer.")
-
-
-def pool_output(output: Any, pooling: str, attention_mask: Tensor | None = None) -> Tensor:
-    """One vector per example ``(B, D)`` from a layer's output.
-
-    ``cls``: first token of ``(B, L, D)``; ``mean`` / ``last``: mean over / last of the real tokens
-    (``attention_mask`` ``(B, L)``); ``pooler``: a ``transformers`` model's ``pooler_output``;
-    ``avg``: mean over the spatial dimensions of ``(B, C, H, W)`` (a CNN's global average pool);
-    ``flatten``: ``(B, -1)``.
-    """
-    if pooling == "pooler":
-        pooled = getattr(output, "pooler_output", None)
-        if pooled is None:
-            raise ValueError("pooling='pooler' needs a transformers model output with pooler_output; choose cls or mean.")
-        return pooled
-    hidden = _hidden(output)
-    if pooling in ("cls", "mean", "last"):
-        if hidden.dim() != 3:
-            raise ValueError(f"pooling={pooling!r} needs (batch, tokens, dim) outputs, got {tuple(hidden.shape)}; use avg or flatten.")
-        return pool(hidden, attention_mask, pooling)
-    if pooling == "avg":
-        return hidden.mean(dim=tuple(range(2, hidden.dim()))) if hidden.dim() > 2 else hidden
-    if pooling == "flatten":
-        return hidden.reshape(hidden.shape[0], -1)
-    raise ValueError(f"Unknown pooling {pooling!r}; choose one of {EXTRACT_POOLINGS}")
 
 
 def _split(batch: Any, labels_key: str) -> tuple[tuple, dict, Tensor | None]:
@@ -184,7 +148,7 @@ def extract_features(
                     if not missing:
                         verified = True
                         old = store.lookup(keys, device=fresh.device)
-                        if not torch.allclose(old.float(), fresh.float(), rtol=1e-3, atol=1e-3 * max(1.0, old.abs().max().item())):
+                        if not features_agree(old, fresh)[0]:
                             rank_zero_warn(f"extract_features: {path} differs from a fresh pass (stale); rebuilding it.")
                             store.clear()
                     dirty |= store.add(keys, fresh) > 0

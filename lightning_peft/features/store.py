@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..utils.atomic_files import atomic_write_bytes
+from ..utils.fingerprint import module_fingerprint
+from ..utils.fingerprint import raw_bytes as _raw
 
 __all__ = ["FORMAT", "KEY_BYTES", "VERSION", "FeatureStore", "module_fingerprint", "sample_keys"]
 
@@ -31,10 +32,6 @@ FORMAT = "lightning_peft.features.store"
 VERSION = 1
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
-
-def _raw(t: Tensor) -> bytes:
-    """The bytes of a CPU tensor (any dtype, including bfloat16)."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _leaves(path: str, value: Any) -> Iterable[tuple[str, Any]]:
@@ -89,41 +86,6 @@ def sample_keys(args: Sequence[Any], kwargs: Mapping[str, Any], mask_key: str = 
         keys.append(h.digest())
     return keys
 
-
-def _clean(value: Any) -> Any:
-    """JSON-able, run-independent form of hyperparameters / configs (no memory addresses)."""
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return _ADDRESS.sub("", repr(value))
-
-
-def module_fingerprint(module: nn.Module, exclude: Sequence[nn.Module] = (), extra: Mapping[str, Any] | None = None) -> str:
-    """A hex digest of everything ``module`` computes with, except the modules in ``exclude``.
-
-    Covers every parameter and buffer (name, dtype, shape, values), the class of every submodule,
-    the ``config`` of ``transformers`` submodules and ``extra`` (e.g. the module's hyperparameters,
-    such as ``TextClassifier``'s pooling). Cost: one pass over the weights (~0.2 s per 100 MB on CPU).
-    """
-    skip = {id(t) for m in exclude for t in (*m.parameters(), *m.buffers())}
-    h = hashlib.blake2b(digest_size=20)
-    for name, sub in module.named_modules():
-        h.update(f"{name}:{type(sub).__module__}.{type(sub).__qualname__};".encode())
-        config = getattr(sub, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            settings = {k: v for k, v in config.to_dict().items() if k not in ("transformers_version",)}
-            h.update(json.dumps(_clean(settings), sort_keys=True).encode())
-    for name, t in module.state_dict(keep_vars=True).items():
-        if id(t) in skip:
-            continue
-        data = t.detach().cpu()
-        h.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-        h.update(_raw(data))
-    h.update(json.dumps(_clean(dict(extra or {})), sort_keys=True).encode())
-    return h.hexdigest()
 
 
 def _payload_digest(keys: Tensor, features: Tensor) -> str:

@@ -1,4 +1,9 @@
-"""Freezing: the one mechanism that turns ``requires_grad`` off and keeps frozen BatchNorm in eval mode."""
+"""Freezing: the one owner of ``requires_grad`` changes and of keeping frozen layers (BatchNorm) in eval mode.
+
+``LayerFreezer`` (layer-group callbacks), ``inject``/``load_adapter``, the ``PEFT`` callback, ``PEFTMixin``,
+``FeatureCache`` and ``Distillation`` all freeze and thaw through :func:`set_requires_grad`, and keep frozen
+layers in eval mode through :func:`set_eval` / :func:`frozen_batchnorms`.
+"""
 
 from __future__ import annotations
 
@@ -9,40 +14,72 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layer_groups import LayerGroup, named_parameters
 
-__all__ = ["LayerFreezer", "freeze", "set_batchnorm_eval", "unfreeze"]
+__all__ = ["LayerFreezer", "freeze", "frozen_batchnorms", "set_batchnorm_eval", "set_eval", "set_requires_grad", "unfreeze"]
+
+
+def set_requires_grad(items: nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter], flag: bool) -> int:
+    """Set ``requires_grad`` of every parameter of ``items`` (modules, parameters, or one of either) to ``flag``.
+
+    Returns how many tensors changed. A parameter shared by several modules is counted once.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> set_requires_grad(net[0], False), set_requires_grad(net, False), set_requires_grad([net[1].bias], True)
+        (2, 2, 1)
+    """
+    if isinstance(items, (nn.Module, nn.Parameter)):
+        items = [items]
+    seen: set[int] = set()
+    count = 0
+    for item in items:
+        params = [item] if isinstance(item, nn.Parameter) else item.parameters()
+        for param in params:
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+                count += 1
+    return count
 
 
 def freeze(modules: Iterable[nn.Module]) -> int:
     """Turn off gradients for every parameter of ``modules``; return how many tensors were frozen."""
-    count = 0
-    for module in modules:
-        for param in module.parameters():
-            if param.requires_grad:
-                param.requires_grad_(False)
-                count += 1
-    return count
+    return set_requires_grad(list(modules), False)
 
 
 def unfreeze(modules: Iterable[nn.Module]) -> int:
     """Turn gradients back on for every parameter of ``modules``; return how many tensors changed."""
-    count = 0
+    return set_requires_grad(list(modules), True)
+
+
+def set_eval(modules: Iterable[nn.Module]) -> None:
+    """Put ``modules`` (and their children) in eval mode: frozen layers then neither update statistics nor drop out.
+
+    Lightning calls ``model.train()`` at every epoch start (and after validation), so callers re-apply
+    this at each training epoch and batch start.
+    """
     for module in modules:
-        for param in module.parameters():
-            if not param.requires_grad:
-                param.requires_grad_(True)
-                count += 1
-    return count
+        if module.training or any(m.training for m in module.modules()):
+            module.eval()
 
 
 def set_batchnorm_eval(batchnorms: Iterable[_BatchNorm]) -> None:
-    """Put BatchNorm layers in eval mode so their running statistics stay as pretrained.
+    """Put BatchNorm layers in eval mode so their running statistics stay as pretrained (see :func:`set_eval`)."""
+    set_eval(batchnorms)
 
-    Lightning calls ``model.train()`` at every epoch start, which would otherwise let the batch
-    statistics of a frozen backbone drift.
+
+def frozen_batchnorms(module: nn.Module, exclude: Iterable[nn.Module] = ()) -> list[_BatchNorm]:
+    """BatchNorm layers of ``module`` with no trainable parameter, outside every module of ``exclude``.
+
+    These are the layers of a frozen base whose running statistics should stay as pretrained
+    (the ``PEFT`` callback and ``PEFTMixin`` pass the adapter containers as ``exclude``).
     """
-    for bn in batchnorms:
-        if bn.training:
-            bn.eval()
+    skipped = {id(m) for root in exclude for m in root.modules()}
+    return [
+        m for m in module.modules()
+        if isinstance(m, _BatchNorm) and id(m) not in skipped and not any(p.requires_grad for p in m.parameters())
+    ]
 
 
 class LayerFreezer:
@@ -90,9 +127,9 @@ class LayerFreezer:
         chosen = self.trainable_groups(top)
         trainable = {n for g in chosen for n in g.params}
         indices = {i for i, g in enumerate(self.groups) if any(g is c for c in chosen)}
-        for name, param in self.params.items():
-            keep = name in trainable or (self.train_bn and name in self.bn_params)
-            param.requires_grad_(keep and name in self.user_trainable)
+        keep = {n for n in self.params if (n in trainable or (self.train_bn and n in self.bn_params)) and n in self.user_trainable}
+        set_requires_grad([p for n, p in self.params.items() if n in keep], True)
+        set_requires_grad([p for n, p in self.params.items() if n not in keep], False)
         frozen = [] if self.train_bn else [bn for bn, i in self._batchnorms if i not in indices]
         # BatchNorm of a group that just unfroze must train again; Lightning only calls model.train() per epoch.
         thawed = [bn for bn in self.frozen_batchnorms if all(bn is not f for f in frozen)]

@@ -10,7 +10,9 @@ gradual unfreezing and discriminative learning rates all use. Found automaticall
 - other backbones (torchvision ResNet and friends): their children with parameters, a run of leading
   leaf layers (``conv1``, ``bn1``) merged into one stem group;
 
-and everything outside the backbone (the task head) is the last group, ``head``. Or given
+and the task head (:func:`~lightning_peft.groups.backbone.head_parameters`) is the last group, ``head``;
+other parameters outside the backbone (a language model's untied ``lm_head``: pretrained, not a new
+head) join the top block. Or given
 explicitly: ``layer_groups(model, patterns=["embeddings", "re:.*layer\\.[0-2]", ...])``, one group per
 pattern (input to output); parameters no pattern selects form the ``head`` group.
 """
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .backbone import find_backbone
+from ..utils.names import is_inside, is_inside_any, join
+from .backbone import find_backbone, head_parameters
 from .matching import format_names, match_module_names
 
 __all__ = ["LayerGroup", "format_layer_groups", "layer_groups", "named_parameters"]
@@ -44,10 +47,6 @@ class LayerGroup:
 def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Qualified name -> parameter in model order, each tensor once (tied weights under their first name)."""
     return dict(model.named_parameters())
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _group_name(names: Sequence[str]) -> str:
@@ -92,7 +91,7 @@ def _blocks_groups(module: nn.Module, params: list[str]) -> Groups | None:
     before: list[str] = []
     per_block: dict[str, list[str]] = {}
     for name in params:
-        if name.startswith(blocks + "."):
+        if is_inside(blocks, name):
             index = name[len(blocks) + 1 :].split(".", 1)[0]
             per_block.setdefault(index, []).append(name)
         elif not per_block:
@@ -120,8 +119,8 @@ def _children_groups(module: nn.Module, params: list[str]) -> Groups:
 
     def children_of(prefix: str, parent: nn.Module) -> list[tuple[str, nn.Module]]:
         return [
-            (_join(prefix, n), c) for n, c in parent.named_children()
-            if any(_join(_join(prefix, n), p) in wanted for p, _ in c.named_parameters())
+            (join(prefix, n), c) for n, c in parent.named_children()
+            if any(join(join(prefix, n), p) in wanted for p, _ in c.named_parameters())
         ]
 
     children = children_of("", module)
@@ -134,30 +133,29 @@ def _children_groups(module: nn.Module, params: list[str]) -> Groups:
     labels = ["+".join(name for name, g in owners if g == i) or "params" for i in range(count)]
     groups: list[list[str]] = [[] for _ in range(count)]
     for p in params:
-        index = next((g for name, g in owners if p.startswith(name + ".")), 0)  # direct parameters: first group
+        index = next((g for name, g in owners if is_inside(name, p)), 0)  # direct parameters: first group
         groups[index].append(p)
     return list(zip(labels, groups))
 
 
 def _auto_groups(model: nn.Module, backbone: str | Sequence[str] | None) -> list[tuple[str, list[str]]]:
     split = find_backbone(model, backbone)
+    head = set(head_parameters(model, backbone))
     all_names = list(named_parameters(model))
     taken: set[str] = set()
     groups: list[tuple[str, list[str]]] = []
     for root in split.backbone:
-        module = model.get_submodule(root) if root else model
-        heads = [h for h in split.head if h == root or h.startswith(root + ".") or not root]
-        prefix = f"{root}." if root else ""
-        local = [
-            n[len(prefix) :] for n in all_names
-            if n.startswith(prefix) and n not in taken and not any(n.startswith(h + ".") for h in heads)
-        ]
+        module = model.get_submodule(root)
+        local = [n[len(root) + 1 :] if root else n for n in all_names if is_inside(root, n) and n not in taken and n not in head]
         found = _timm_groups(module, local) or _blocks_groups(module, local) or _children_groups(module, local)
         for label, names in found:
             if names:
-                groups.append((prefix + label, [prefix + n for n in names]))
-                taken.update(prefix + n for n in names)
-    rest = [n for n in all_names if n not in taken]
+                groups.append((join(root, label), [join(root, n) for n in names]))
+                taken.update(join(root, n) for n in names)
+    pretrained = [n for n in all_names if n not in taken and n not in head]  # output embeddings: with the top block
+    if pretrained and groups:
+        groups[-1][1].extend(pretrained)
+    rest = [n for n in all_names if n in head or (n not in taken and not groups)]
     if rest:
         groups.append((HEAD, rest))
     return groups
@@ -172,7 +170,7 @@ def _explicit_groups(model: nn.Module, patterns: Sequence[str | Sequence[str]]) 
             modules = match_module_names(model, pattern, what="layer group")
         except ValueError as err:
             raise ValueError(f"{err}{_groups_hint(model)}") from None
-        names = [n for n in all_names if any(n.startswith(m + ".") for m in modules)]
+        names = [n for n in all_names if is_inside_any(modules, n)]
         for n in names:
             if n in owner:
                 raise ValueError(

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..optim.param_groups import Placement, Plan
 from .layer_groups import LayerGroup
 from .matching import name_matches
-from ..optim.param_groups import Placement, Plan
 
 __all__ = ["discriminative_plan", "is_no_decay", "layer_lr_scales"]
 

@@ -27,15 +27,16 @@ from .dispatch import (
     use_kernels,
     will_use_triton,
 )
+from .limits import MAX_BOTTLENECK, MAX_LORA_RANK
 from .reference import (
     ACTIVATIONS,
-    MAX_LORA_RANK,
     adapter_bottleneck_reference,
     lora_linear_reference,
 )
 
 __all__ = [
     "ACTIVATIONS",
+    "MAX_BOTTLENECK",
     "MAX_LORA_RANK",
     "adapter_bottleneck",
     "adapter_bottleneck_reference",

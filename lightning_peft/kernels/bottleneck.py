@@ -41,12 +41,11 @@ from ._triton_common import (
     prep_operand,
     prune_configs,
 )
+from .limits import MAX_BOTTLENECK
 from .reference import activation_fn, check_adapter_args
 
 __all__ = ["MAX_BOTTLENECK", "AdapterBottleneckFunction", "adapter_bottleneck_triton"]
 
-#: Largest bottleneck size m the fused kernels take (the whole ``(rows, m)`` tile stays in registers).
-MAX_BOTTLENECK = 256
 
 _ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 

@@ -6,7 +6,7 @@ The kernels run when all of these hold, otherwise the reference does (same math,
   environment variable ``LIGHTNING_PEFT_KERNELS`` (``0``/``false``/``off``/``no`` turn them off);
 * ``x`` is a CUDA tensor of dtype float16, bfloat16 or float32 and triton imports;
 * the call is not being traced by ``torch.compile`` (the compiler then sees plain PyTorch);
-* the sizes are within the kernels' limits (LoRA rank ``r <= 128``, bottleneck ``m <= 256``).
+* the sizes are within the kernels' limits (:mod:`.limits`: LoRA rank ``r <= 128``, bottleneck ``m <= 256``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .reference import (
-    MAX_LORA_RANK,
-    adapter_bottleneck_reference,
-    lora_linear_reference,
-)
+from .limits import KERNEL_DTYPES, MAX_BOTTLENECK, MAX_LORA_RANK
+from .reference import adapter_bottleneck_reference, lora_linear_reference
 
 __all__ = [
     "adapter_bottleneck",
@@ -40,8 +37,6 @@ __all__ = [
 
 ENV_VAR = "LIGHTNING_PEFT_KERNELS"
 _OFF = {"0", "false", "off", "no"}
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_BOTTLENECK = 256  # == bottleneck.MAX_BOTTLENECK, repeated here so dispatch never imports triton
 
 _override: bool | None = None  # set by use_kernels / set_kernels_enabled; None: the env var decides
 
@@ -86,7 +81,6 @@ def triton_available() -> bool:
     try:
         if importlib.util.find_spec("triton") is None:
             return False
-        import triton
     except Exception:
         return False
     return True
@@ -103,7 +97,7 @@ def will_use_triton(x: Tensor) -> bool:
     """Whether a call on ``x`` goes to the Triton kernels (given sizes within their limits)."""
     return (
         x.is_cuda
-        and x.dtype in _KERNEL_DTYPES
+        and x.dtype in KERNEL_DTYPES
         and kernels_enabled()
         and not _compiling()
         and triton_available()
@@ -204,6 +198,6 @@ def adapter_bottleneck(
         >>> adapter_bottleneck(x, torch.randn(4, 8), None, torch.zeros(8, 4), None).shape
         torch.Size([2, 5, 8])
     """
-    if will_use_triton(x) and w_down.dim() == 2 and w_down.shape[0] <= _MAX_BOTTLENECK:
+    if will_use_triton(x) and w_down.dim() == 2 and w_down.shape[0] <= MAX_BOTTLENECK:
         return adapter_bottleneck_triton(x, w_down, b_down, w_up, b_up, activation, scale, residual)
     return adapter_bottleneck_reference(x, w_down, b_down, w_up, b_up, activation, scale, residual)

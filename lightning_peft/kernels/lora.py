@@ -48,7 +48,8 @@ from ._triton_common import (
     prep_operand,
     prune_configs,
 )
-from .reference import MAX_LORA_RANK, check_lora_args
+from .limits import MAX_LORA_RANK
+from .reference import check_lora_args
 
 __all__ = ["LoRALinearFunction", "lora_linear_triton"]
 

@@ -15,16 +15,12 @@ from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
-    "MAX_LORA_RANK",
     "activation_fn",
     "adapter_bottleneck_reference",
     "check_adapter_args",
     "check_lora_args",
     "lora_linear_reference",
 ]
-
-#: Largest LoRA rank the Triton kernels handle (ranks are padded to a power of two >= 16 inside).
-MAX_LORA_RANK = 128
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU, as nn.GELU()

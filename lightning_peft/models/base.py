@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -11,10 +10,11 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ..optim.build import OptimizerFactory, SchedulerFactory, configure_optimizers
+from ..peft.checkpoint import check_adapter_only_checkpoint
+
 __all__ = ["ClassificationModule", "OptimizerFactory", "SchedulerFactory"]
 
-OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
-SchedulerFactory = Callable[..., Any]
 
 
 class ClassificationModule(pl.LightningModule):
@@ -47,6 +47,9 @@ class ClassificationModule(pl.LightningModule):
         )
         self.val_metrics = metrics.clone(prefix="val/")
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_adapter_only_checkpoint(self, checkpoint)  # an adapter-only checkpoint without the PEFT callback: say so
+
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = self(**inputs)
@@ -64,12 +67,4 @@ class ClassificationModule(pl.LightningModule):
         self.log_dict(self.val_metrics, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("No trainable parameters: every parameter of the model is frozen.")
-        factory = self.optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=self.default_lr))
-        optimizer = factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory, self.default_lr)

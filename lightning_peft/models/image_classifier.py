@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .pretrained import load_timm_model
 from .base import ClassificationModule, OptimizerFactory, SchedulerFactory
+from .pretrained import load_timm_model
 
 __all__ = ["ImageClassifier"]
 

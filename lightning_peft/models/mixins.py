@@ -8,15 +8,13 @@ from typing import Any
 
 import torch
 
-from ..groups.layer_rates import discriminative_plan
+from ..callbacks.peft import PEFT
 from ..groups.layer_groups import layer_groups
-from ..optim.schedules import warmup_schedule
+from ..groups.layer_rates import discriminative_plan
 from ..optim.param_groups import split_param_group
-from ..peft.checkpoint import AdapterOnlyCheckpoints
-from ..peft.config import MethodConfig
+from ..optim.schedules import warmup_schedule
 from ..peft.adapter_files import save_adapter
-from ..peft.functional import inject, list_adapters
-from ..peft.registry import config_from_dict
+from ..peft.config import MethodConfig
 
 __all__ = ["OPTIMIZERS", "FinetuningConfig", "FinetuningMixin", "PEFTMixin"]
 
@@ -105,6 +103,13 @@ class PEFTMixin:
     ``method``, e.g. from Hydra). With ``peft_adapter_only_checkpoint = True`` checkpoints hold only
     the adapter (see :class:`~lightning_peft.PEFT`).
 
+    Training behaves exactly as with the :class:`~lightning_peft.PEFT` callback, whose code it runs:
+    BatchNorm layers of the frozen base stay in eval mode (``peft_train_bn = True`` lets them train),
+    adapters are replicated under FSDP with their gradients averaged, and the first step checks that
+    the adapters get gradients (``peft_check_gradients``). If you override ``on_train_epoch_start``,
+    ``on_train_batch_start``, ``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``,
+    or ``on_save_checkpoint``, call ``super()`` in them.
+
     Example:
         >>> class MyModel(PEFTMixin, pl.LightningModule):  # doctest: +SKIP
         ...     def __init__(self):
@@ -116,23 +121,58 @@ class PEFTMixin:
     peft_config: MethodConfig | Mapping[str, Any] | None = None
     peft_adapter_name: str = "default"
     peft_adapter_only_checkpoint: bool = False
+    peft_train_bn: bool = False
+    peft_check_gradients: bool = True
+
+    def _peft(self) -> PEFT | None:
+        """The callback object doing the work for this module (created in ``configure_model``)."""
+        return self.__dict__.get("_peft_runtime")
 
     def configure_model(self) -> None:
         super().configure_model()  # type: ignore[misc]
         if self.peft_config is None:
             raise ValueError(f"{type(self).__name__} uses PEFTMixin but sets no self.peft_config (e.g. LoRAConfig(r=8))")
-        config = self.peft_config if isinstance(self.peft_config, MethodConfig) else config_from_dict(dict(self.peft_config))
-        if self.peft_adapter_name not in list_adapters(self):
-            inject(self, config, self.peft_adapter_name)
-        if self.peft_adapter_only_checkpoint:
-            if getattr(self, "_peft_checkpoints", None) is None:
-                self._peft_checkpoints = AdapterOnlyCheckpoints()
-            self._peft_checkpoints.attach(self)
+        runtime = self._peft()
+        if runtime is None:
+            runtime = PEFT(
+                self.peft_config, self.peft_adapter_name, adapter_only_checkpoint=self.peft_adapter_only_checkpoint,
+                check_gradients=self.peft_check_gradients, verbose=False, train_bn=self.peft_train_bn,
+            )
+            self.__dict__["_peft_runtime"] = runtime  # a plain attribute: not a submodule, not in the state dict
+        trainer = self._trainer  # type: ignore[attr-defined]
+        runtime.check_strategy(trainer)
+        runtime.inject_now(trainer, self)  # type: ignore[arg-type]
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()  # type: ignore[misc]
+        if (runtime := self._peft()) is not None:
+            runtime.on_train_epoch_start(self.trainer, self)  # type: ignore[attr-defined, arg-type]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        result = super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+        if (runtime := self._peft()) is not None:
+            runtime.on_train_batch_start(self.trainer, self, batch, batch_idx)  # type: ignore[attr-defined, arg-type]
+        return result
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        super().on_before_backward(loss)  # type: ignore[misc]
+        if (runtime := self._peft()) is not None:
+            runtime.on_before_backward(self.trainer, self, loss)  # type: ignore[attr-defined, arg-type]
+
+    def on_after_backward(self) -> None:
+        super().on_after_backward()  # type: ignore[misc]
+        if (runtime := self._peft()) is not None:
+            runtime.on_after_backward(self.trainer, self)  # type: ignore[attr-defined, arg-type]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        if (runtime := self._peft()) is not None:
+            runtime.on_before_optimizer_step(self.trainer, self, optimizer)  # type: ignore[attr-defined, arg-type]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        if getattr(self, "_peft_checkpoints", None) is not None:
-            self._peft_checkpoints.shrink(self, checkpoint)
+        if (runtime := self._peft()) is not None:
+            runtime.on_save_checkpoint(self._trainer, self, checkpoint)  # type: ignore[attr-defined, arg-type]
 
     def save_adapter(self, path: str) -> None:
         """Write the adapter alone (``adapter.safetensors`` + ``adapter.json``) to folder ``path``."""

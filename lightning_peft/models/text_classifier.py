@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .pretrained import load_backbone
-from .base import ClassificationModule, OptimizerFactory, SchedulerFactory
 from ..features.pooling import POOLINGS, pool
+from .base import ClassificationModule, OptimizerFactory, SchedulerFactory
+from .pretrained import load_backbone
 
 __all__ = ["TextClassifier"]
 

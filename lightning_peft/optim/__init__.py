@@ -1,0 +1,1 @@
+"""Optimizers and schedules: building them from factories, splitting parameter groups, warm-up schedules."""

@@ -160,7 +160,7 @@ def add_param_group(
         group["name"] = name
     group["params"] = list(params)
     optimizer.add_param_group(group)
-    parents = list(range(old_count)) + [like]
+    parents = [*list(range(old_count)), like]
     for scheduler in schedulers:
         for inner in _schedulers_of(scheduler):
             if getattr(inner, "optimizer", optimizer) is optimizer:

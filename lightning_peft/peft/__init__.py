@@ -4,14 +4,11 @@
 >>> save_adapter(model, "adapter/")                 # doctest: +SKIP
 """
 
-from . import bitfit, bottleneck, ia3, lora, modules_to_save, prefix, prompt, qlora
+from . import bitfit, bottleneck, ia3, lora, modules_to_save, prefix, prompt, qlora  # noqa: F401  (each registers its method)
+from .adapter_files import adapter_config, load_adapter, save_adapter
 from .bitfit import BitFitConfig
 from .bottleneck import AdapterConfig
 from .config import ALL_LINEAR, MethodConfig
-from .ia3 import IA3Config
-from .adapter_files import adapter_config, export_peft, import_peft, load_adapter, save_adapter
-from .layer import AdapterLayer, adapter_layers
-from .lora import LoRAConfig
 from .functional import (
     active_adapters,
     adapter_batch,
@@ -26,6 +23,10 @@ from .functional import (
     set_adapter,
     unmerge,
 )
+from .ia3 import IA3Config
+from .layer import AdapterLayer, adapter_layers
+from .lora import LoRAConfig
+from .peft_format import export_peft, import_peft
 from .prefix import PrefixTuningConfig, PTuningV2Config
 from .prompt import PromptTuningConfig, PTuningConfig
 from .qlora import QLoRAConfig

@@ -20,7 +20,7 @@ from torch import nn
 from ..groups.matching import format_names
 from .config import MethodConfig
 from .layer import AdapterLayer
-from .registry import Site, register_layer, register_method
+from .registry import Site, register_layer, register_method, register_peft_exporter
 from .targeting import has_bias, resolve_targets
 
 __all__ = ["BiasDelta", "BitFitConfig", "BitFitLayer"]
@@ -133,3 +133,12 @@ def plan_bitfit(model: nn.Module, config: BitFitConfig, modules_to_save: list[st
 
 
 register_method("bitfit", BitFitConfig, plan_bitfit)
+
+
+def export_bitfit_peft(layer: AdapterLayer, adapter: nn.Module, key: str) -> dict[str, torch.Tensor]:
+    """PEFT's ``bias="all"``: the trained bias in full, under the module's own key."""
+    bias = layer.base_layer.bias
+    return {f"{key}.bias": bias + adapter.bias_delta.to(bias.dtype)}
+
+
+register_peft_exporter("bitfit", export_bitfit_peft)

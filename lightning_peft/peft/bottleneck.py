@@ -22,7 +22,6 @@ The adapters are nonlinear, so they cannot be merged into the base weights: ``me
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import ACTIVATIONS, adapter_bottleneck
 from ..groups.matching import format_names, name_matches
+from ..kernels import ACTIVATIONS, adapter_bottleneck
+from ..utils.calls import bind_forward
+from ..utils.names import is_inside
 from .config import MethodConfig
 from .layer import AdapterLayer
 from .registry import Site, register_layer, register_method
@@ -124,6 +125,8 @@ class AdapterConfig(MethodConfig):
             raise ValueError(f"AdapterConfig: unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterConfig: dropout must be in [0, 1), got {self.dropout}")
+        if self.scale == 0:
+            raise ValueError("AdapterConfig: scale=0 is invalid: the adapter branch and its gradients would be zero, so it never trains")
         if self.layers is not None:
             self.layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
             if not self.layers or any(int(i) != i for i in self.layers):
@@ -224,7 +227,7 @@ class BottleneckLayer(AdapterLayer):
         return y
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        call = _bind(self.base_layer, args, kwargs)  # inputs may come by keyword (Llama: mlp(hidden_states=...))
+        call = bind_forward(self.base_layer, args, kwargs)  # inputs may come by keyword (Llama: mlp(hidden_states=...))
         params = list(call.signature.parameters)
         x = call.arguments.get(params[0]) if params else None
         if not isinstance(x, torch.Tensor):
@@ -251,16 +254,6 @@ class BottleneckLayer(AdapterLayer):
         return y
 
 
-_SIGNATURES: dict[type, inspect.Signature] = {}
-
-
-def _bind(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> inspect.BoundArguments:
-    cls = type(module)
-    if cls not in _SIGNATURES:
-        _SIGNATURES[cls] = inspect.signature(module.forward)
-    return _SIGNATURES[cls].bind(*args, **kwargs)
-
-
 def _layout_sites(model: nn.Module, config: AdapterConfig, candidates: list[tuple[str, nn.Module]], modes: dict[str, str]) -> list[str]:
     """The placement table's sites in every block of every recognised model (fills ``modes``)."""
     models = hf_models(model) or [(n, m) for n, m in [("", model), *candidates] if _model_key(m)][:1]
@@ -279,7 +272,7 @@ def _layout_sites(model: nn.Module, config: AdapterConfig, candidates: list[tupl
                 f"AdapterConfig: no block layout for model type {key!r} ({type(hf).__name__}); pass target_modules=[...]. "
                 f"Layouts exist for: {', '.join(sorted(BOTTLENECK_LAYOUTS))}"
             )
-        inside = [(n, m) for n, m in candidates if not prefix or n.startswith(prefix + ".")]
+        inside = [(n, m) for n, m in candidates if n != prefix and is_inside(prefix, n)]
         lists = [n for n, m in inside if isinstance(m, (nn.ModuleList, nn.Sequential)) and name_matches(layout.blocks, n)]
         if not lists:
             raise ValueError(f"AdapterConfig: found no block list {layout.blocks!r} in {type(hf).__name__} (model type {key!r})")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..groups.freezing import set_requires_grad
 from ..groups.matching import clean_name, format_names
 from ..utils.param_count import count_parameters
 from .config import MethodConfig
@@ -42,6 +43,7 @@ __all__ = [
     "list_adapters",
     "merge",
     "merge_and_unload",
+    "place_adapter",
     "set_adapter",
     "unmerge",
     "unmerged",
@@ -105,6 +107,23 @@ def apply_sites(model: nn.Module, sites: Sequence[Site], adapter_name: str, conf
         layer.add_adapter(adapter_name, adapter, config)
 
 
+def place_adapter(
+    model: nn.Module, sites: Sequence[Site], adapter_name: str, config: MethodConfig, fill: Callable[[], None] | None = None,
+) -> None:
+    """Wrap ``sites`` with adapter ``adapter_name``, fill it (``fill()``; on any error the adapter is removed again),
+    freeze everything else and make it the active adapter: the one path of :func:`inject` and of loading adapter files."""
+    apply_sites(model, sites, adapter_name, config)
+    if fill is not None:
+        try:
+            fill()
+        except BaseException:
+            delete_adapter(model, adapter_name)
+            raise
+    set_requires_grad(model, False)  # only the adapter trains (and the modules_to_save copies with it)
+    set_adapter(model, adapter_name)
+    install_input_grad_hooks(model)
+
+
 def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter ``adapter_name`` of ``config``'s method to ``model`` in place, make it the active one, and
     freeze everything else (the ``modules_to_save`` copies train with it).
@@ -130,10 +149,7 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     if method.prepare is not None:
         method.prepare(model, config, saved)
     sites = method.plan(model, config, saved) + [Site(n, "modules_to_save", {}) for n in saved]
-    apply_sites(model, sites, adapter_name, config)
-    model.requires_grad_(False)
-    set_adapter(model, adapter_name)
-    install_input_grad_hooks(model)
+    place_adapter(model, sites, adapter_name, config)
     counts = count_parameters(model)
     log.info(
         "%s adapter %r on %d modules (%s saved in full); %s of %s parameters train (%.2f%%)",
@@ -149,7 +165,7 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     for _, layer in adapter_layers(model):
         layer.set_active(names)
         for name, adapter in layer.adapters.items():
-            adapter.requires_grad_(name in names)
+            set_requires_grad(adapter, name in names)
 
 
 @contextmanager

@@ -120,7 +120,7 @@ class AdapterLayer(nn.Module):
                 continue
             with torch.no_grad():
                 self._merge(name)
-            self.merged = self.merged + (name,)
+            self.merged = (*self.merged, name)
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weights, last merged first."""

@@ -9,6 +9,7 @@ rank-r term is computed low-rank first -- W + B·A is only formed when merging.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,19 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MethodConfig
+from .config import MethodConfig, check_choice, check_probability, check_scalar
 from .layer import AdapterLayer
 from .quantization import is_quantized, keep_layout, quantized_merge_blocker
-from .registry import Site, register_layer, register_method
+from .registry import Site, register_layer, register_method, register_peft_exporter
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
 
 __all__ = ["LORA_DEFAULT_TARGETS", "LoRA", "LoRAConfig", "LoRALayer", "lora_kind"]
 
 # Defaults per transformers model type (as in PEFT), timm class otherwise.
 LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "vit", "deit", "layoutlm"], ["query", "value"]),
-    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gptj", "bart", "mbart"], ["q_proj", "v_proj"]),
-    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
+    **{key: ["query", "value"] for key in ["bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "vit", "deit", "layoutlm"]},
+    **{key: ["q_proj", "v_proj"] for key in ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gptj", "bart", "mbart"]},
+    **{key: ["query_key_value"] for key in ["gpt_neox", "bloom", "falcon"]},
     "gpt2": ["c_attn"],
     "distilbert": ["q_lin", "v_lin"],
     "deberta-v2": ["query_proj", "value_proj"],
@@ -78,8 +79,8 @@ class LoRAConfig(MethodConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    rank_pattern: dict[str, int] | None = field(default_factory=dict)  # None: {} (Hydra configs use null)
+    alpha_pattern: dict[str, float] | None = field(default_factory=dict)
     bias: str = "none"
     init: str = "kaiming"
     adapter_dtype: str = "float32"
@@ -87,15 +88,21 @@ class LoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
-        if int(self.r) != self.r or self.r < 1 or any(int(v) != v or v < 1 for v in self.rank_pattern.values()):
-            raise ValueError(f"LoRAConfig: r and rank_pattern values must be integers >= 1, got r={self.r}, rank_pattern={self.rank_pattern}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig: dropout must be in [0, 1), got {self.dropout}")
+        owner = type(self).__name__
+        self.rank_pattern = {k: check_scalar(owner, f"rank_pattern[{k!r}]", v, "int") for k, v in dict(self.rank_pattern or {}).items()}
+        self.alpha_pattern = {k: check_scalar(owner, f"alpha_pattern[{k!r}]", v, "float") for k, v in dict(self.alpha_pattern or {}).items()}
+        for name, value in (("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())):
+            if value < 1:
+                raise ValueError(f"{owner}: {name}={value!r} is invalid: the rank must be an integer >= 1")
+        for name, value in (("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())):
+            if value <= 0:
+                raise ValueError(
+                    f"{owner}: {name}={value!r} is invalid: it must be a finite number > 0 "
+                    "(alpha=0 scales the update and its gradients to zero, so the adapter never trains)"
+                )
+        check_probability(self, "dropout")
         for key, valid in (("bias", ("none", "lora_only", "all")), ("init", ("kaiming", "gaussian")), ("adapter_dtype", ("float32", "base"))):
-            if getattr(self, key) not in valid:
-                raise ValueError(f"LoRAConfig: unknown {key}={getattr(self, key)!r}; choose one of {list(valid)}")
+            check_choice(self, key, valid)
 
 
 def _adapter_dtype(base: nn.Module, choice: str) -> torch.dtype:
@@ -186,9 +193,9 @@ class LoRALayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         routes = self.routes(x.shape[0])
-        fused = self._fused(x, routes) if routes and not args and not kwargs else None
-        if fused is not None:
-            return fused
+        single = self._single_linear(x, routes) if routes and not args and not kwargs else None
+        if single is not None:
+            return single
         y = self.base_layer(x, *args, **kwargs)
         for names, index in routes:
             xs = x if index is None else x.index_select(0, index.to(x.device))
@@ -196,25 +203,25 @@ class LoRALayer(AdapterLayer):
             y = y + delta if index is None else y.index_add(0, index.to(y.device), delta)
         return y
 
-    def _fused(self, x: torch.Tensor, routes: list) -> torch.Tensor | None:
-        """One whole-batch adapter on a linear layer through the fused Triton kernel, when it applies; else ``None``.
+    def _single_linear(self, x: torch.Tensor, routes: list) -> torch.Tensor | None:
+        """One whole-batch adapter on an ``nn.Linear``: ``kernels.lora_linear`` on the layer's tensors; else ``None``.
 
-        The kernel computes the base GEMM with the rank-r term folded into its epilogue and saves only
-        x and x·Aᵀ for backward (``lightning_peft.kernels``); it runs on CUDA unless turned off
-        (``LoRAConfig(use_kernels=False)``, ``use_kernels(False)``, ``LIGHTNING_PEFT_KERNELS=0``).
+        That one entry runs the fused Triton kernel on CUDA (the base GEMM with the rank-r term in its
+        epilogue, saving only x and x·Aᵀ for backward) and :func:`~lightning_peft.kernels.lora_linear_reference`
+        elsewhere; with ``LoRAConfig(use_kernels=False)`` the reference always. Kernels are also turned off
+        by ``use_kernels(False)`` and ``LIGHTNING_PEFT_KERNELS=0``. Adapters in fp32 on a half-precision base
+        are cast to x's dtype (the kernels accumulate in fp32).
         """
-        if len(routes) != 1 or x.shape[-1] == 0:
+        if len(routes) != 1 or x.shape[-1] == 0 or not x.is_floating_point():
             return None
         names, index = routes[0]
         if index is not None or len(names) != 1:
             return None
         adapter = self.adapters[names[0]]
-        if adapter.kind != "linear" or not self.configs[names[0]].use_kernels or type(self.base_layer) is not nn.Linear:
+        if adapter.kind != "linear" or type(self.base_layer) is not nn.Linear:
             return None
-        from ..kernels import MAX_LORA_RANK, dispatch
+        from ..kernels import dispatch
 
-        if adapter.lora_A.shape[0] > MAX_LORA_RANK or not dispatch.will_use_triton(x):
-            return None
         base = self.base_layer
         a, b, bias = adapter.lora_A, adapter.lora_B, base.bias
         if adapter.bias_delta is not None:
@@ -223,7 +230,8 @@ class LoRALayer(AdapterLayer):
             a, b = a.to(x.dtype), b.to(x.dtype)
             bias = bias.to(x.dtype) if bias is not None else None
         p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) and self.training else 0.0
-        return dispatch.lora_linear_triton(x, base.weight, bias, a, b, adapter.scale, dropout_p=p)
+        fn = dispatch.lora_linear if self.configs[names[0]].use_kernels else dispatch.lora_linear_reference
+        return fn(x, base.weight, bias, a, b, adapter.scale, p)
 
     def merge_blocker(self) -> str | None:
         return quantized_merge_blocker(self.base_layer)
@@ -261,10 +269,55 @@ def plan_lora(model: nn.Module, config: LoRAConfig, modules_to_save: list[str]) 
             "bias": config.bias != "none" and getattr(base, "bias", None) is not None,
         }
         sites.append(Site(name, "lora", spec))
+    _warn_oversized_ranks(model, sites)
     if config.bias == "all":
         wrapped = set(targets)
         sites.extend(Site(n, "bitfit", {}) for n in iter_bias_modules(model, skip=modules_to_save) if n not in wrapped)
     return sites
 
 
+def lora_dims(base: nn.Module, kind: Kind) -> tuple[int, int]:
+    """(input width, output width) of the map LoRA adapts: a rank above the smaller adds nothing."""
+    if kind == "linear":
+        return base.in_features, base.out_features
+    if kind == "conv1d":
+        return base.weight.shape[0], base.weight.shape[1]
+    if kind == "conv2d":
+        return base.in_channels * math.prod(base.kernel_size), base.out_channels
+    return base.num_embeddings, base.embedding_dim
+
+
+def _warn_oversized_ranks(model: nn.Module, sites: list[Site]) -> None:
+    """Warn when a rank exceeds min(in, out) of its layer: more adapter parameters, no more expressiveness."""
+    over = []
+    for site in sites:
+        base = model.get_submodule(site.module)
+        base = getattr(base, "base_layer", base)
+        d_in, d_out = lora_dims(base, site.spec["kind"])
+        if site.spec["r"] > min(d_in, d_out):
+            over.append(f"{site.module} (r={site.spec['r']}, {d_in} -> {d_out})")
+    if over:
+        shown = ", ".join(over[:5]) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+        warnings.warn(
+            f"LoRA rank above min(in, out) of {len(over)} layer(s): {shown}. The update B·A cannot have a higher rank "
+            "than that, so the extra rank only adds parameters. HINT: lower r, give these layers a smaller rank "
+            "with rank_pattern={...}, or exclude them with exclude_modules=[...].",
+            stacklevel=3,
+        )
+
+
 register_method("lora", LoRAConfig, plan_lora)
+
+
+def export_lora_peft(layer: AdapterLayer, adapter: nn.Module, key: str) -> dict[str, torch.Tensor]:
+    """PEFT's tensors for one LoRA layer: ``lora_A.weight``/``lora_B.weight`` (``lora_embedding_A``/``_B`` for
+    embeddings), and a trained bias as the full ``base_layer.bias``."""
+    a, b = ("lora_embedding_A", "lora_embedding_B") if adapter.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+    out = {f"{key}.{a}": adapter.lora_A, f"{key}.{b}": adapter.lora_B}
+    if adapter.bias_delta is not None:
+        bias = layer.base_layer.bias
+        out[f"{key}.base_layer.bias"] = bias + adapter.bias_delta.to(bias.dtype)
+    return out
+
+
+register_peft_exporter("lora", export_lora_peft)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .layer import AdapterLayer
-from .registry import register_layer
+from .registry import register_layer, register_peft_exporter
 
 __all__ = ["ModulesToSaveLayer"]
 
@@ -50,3 +50,11 @@ class ModulesToSaveLayer(AdapterLayer):
 
     def unmerge(self) -> None:
         """Nothing was folded."""
+
+
+def export_saved_module_peft(layer: AdapterLayer, adapter: nn.Module, key: str) -> dict[str, torch.Tensor]:
+    """PEFT's ``modules_to_save``: the adapter's copy of the module, under the module's own keys."""
+    return {f"{key}.{k}": v for k, v in adapter.state_dict().items()}
+
+
+register_peft_exporter("modules_to_save", export_saved_module_peft)

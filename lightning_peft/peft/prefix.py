@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from .config import check_field, check_probability
 from .prompt import PromptMethodConfig, prompt_target
 from .registry import Site, register_method
 
@@ -35,9 +36,8 @@ class _LayerPromptConfig(PromptMethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.projection_hidden < 1:
-            raise ValueError(f"{type(self).__name__}: projection_hidden must be >= 1, got {self.projection_hidden}")
-        self._check_dropout(self.dropout)
+        check_field(self, "projection_hidden", lambda h: h >= 1, "it must be an integer >= 1")
+        check_probability(self, "dropout")
 
 
 @dataclass

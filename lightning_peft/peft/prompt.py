@@ -55,7 +55,8 @@ import torch
 from torch import nn
 
 from ..groups.matching import format_names
-from .config import MethodConfig
+from ..utils.calls import forward_signature
+from .config import MethodConfig, check_choice, check_field, check_probability
 from .layer import AdapterLayer
 from .registry import Site, register_layer, register_method
 from .targeting import base_module, hf_models, resolve_targets
@@ -94,13 +95,7 @@ class PromptMethodConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if int(self.num_virtual_tokens) != self.num_virtual_tokens or self.num_virtual_tokens < 1:
-            raise ValueError(f"{type(self).__name__}: num_virtual_tokens must be an integer >= 1, got {self.num_virtual_tokens!r}")
-        self.num_virtual_tokens = int(self.num_virtual_tokens)
-
-    def _check_dropout(self, value: float) -> None:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {value}")
+        check_field(self, "num_virtual_tokens", lambda k: k >= 1, "it must be an integer >= 1")
 
 
 @dataclass
@@ -137,8 +132,7 @@ class PromptTuningConfig(PromptMethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.init not in PROMPT_INITS:
-            raise ValueError(f"PromptTuningConfig: unknown init {self.init!r}; choose one of {list(PROMPT_INITS)}")
+        check_choice(self, "init", PROMPT_INITS)
         if (self.init == "text") != bool(self.init_text):
             raise ValueError("PromptTuningConfig: init='text' needs init_text (and init_text needs init='text')")
 
@@ -162,11 +156,9 @@ class PTuningConfig(PromptMethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.encoder not in ("lstm", "mlp"):
-            raise ValueError(f"PTuningConfig: unknown encoder {self.encoder!r}; choose 'lstm' or 'mlp'")
-        if self.encoder_hidden is not None and self.encoder_hidden < 1:
-            raise ValueError(f"PTuningConfig: encoder_hidden must be >= 1 or None, got {self.encoder_hidden}")
-        self._check_dropout(self.dropout)
+        check_choice(self, "encoder", ("lstm", "mlp"))
+        check_field(self, "encoder_hidden", lambda h: h is None or h >= 1, "it must be an integer >= 1, or None for the embedding width")
+        check_probability(self, "dropout")
 
 
 # --- the adapter: prompts, or an encoder that produces them ------------------------------------
@@ -257,19 +249,9 @@ class PromptEncoder(nn.Module):
 
 # --- the wrapper around the transformers model ----------------------------------------------------
 
-_SIGNATURES: dict[type, inspect.Signature] = {}
-
-
-def _signature(module: nn.Module) -> inspect.Signature:
-    cls = type(module)
-    if cls not in _SIGNATURES:
-        _SIGNATURES[cls] = inspect.signature(module.forward)
-    return _SIGNATURES[cls]
-
-
 def _bind(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by name (positional ones bound to ``forward``'s signature, ``**kwargs`` flattened)."""
-    sig = _signature(module)
+    sig = forward_signature(module)
     bound = sig.bind(*args, **kwargs).arguments
     out: dict[str, Any] = {}
     for name, value in bound.items():
@@ -307,6 +289,23 @@ def _strip(output: Any, k: int) -> Any:
         return output
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
         return (output[0][:, k:].contiguous(), *output[1:])
+    return output
+
+
+def _use_cache(base: nn.Module, kw: dict[str, Any]) -> bool:
+    """Whether the call asks the model for a key/value cache (``use_cache``, else the model config's default)."""
+    flag = kw.get("use_cache")
+    return bool(getattr(base.config, "use_cache", False) if flag is None else flag)
+
+
+def _drop_cache(output: Any, cache: Any) -> Any:
+    """``output`` without ``cache`` (a ``ModelOutput``'s ``past_key_values``, or that element of a tuple output)."""
+    if isinstance(output, dict):
+        if output.get("past_key_values") is cache:
+            output["past_key_values"] = None
+        return output
+    if isinstance(output, tuple):
+        return tuple(o for o in output if o is not cache)
     return output
 
 
@@ -348,8 +347,13 @@ class PromptLayer(AdapterLayer):
         adapter = self._active()
         if adapter is None:
             return self.base_layer(*args, **kwargs)
-        inputs, strip = self._prepare(adapter, _bind(self.base_layer, args, kwargs))
+        kw = _bind(self.base_layer, args, kwargs)
+        wants_cache = kw.get("past_key_values") is not None or _use_cache(self.base_layer, kw)
+        inputs, strip = self._prepare(adapter, kw)
         output = self.base_layer(**inputs)
+        if not wants_cache and inputs.get("past_key_values") is not None:
+            # the prefix cache is ours, not the caller's: hand back none, or generate(use_cache=False) feeds it back
+            output = _drop_cache(output, inputs["past_key_values"])
         return _strip(output, strip) if strip else output
 
     def _prepare(self, adapter: PromptEncoder, kw: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -459,7 +463,7 @@ def prompt_target(model: nn.Module, config: PromptMethodConfig, modules_to_save:
             f"Inject into a module that holds it (your LightningModule, or the *For* class such as {type(model).__name__.replace('Model', 'ForCausalLM')})."
         )
     base = base_module(model.get_submodule(name))
-    if needs not in _signature(base).parameters:
+    if needs not in forward_signature(base).parameters:
         raise ValueError(
             f"{type(config).__name__}: {type(base).__name__}.forward takes no {needs!r}, which this method needs "
             f"({'input prompts' if needs == 'inputs_embeds' else 'key/value prefixes'}); prompt methods cover text transformers models"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..utils.names import is_inside_any
 from .lora import LoRAConfig, plan_lora
 from .quantization import (
     QuantSpec,
@@ -71,7 +72,7 @@ def prepare_qlora(model: nn.Module, config: QLoRAConfig, modules_to_save: list[s
     """Quantize the frozen linear layers of the base (those not quantized yet), outside ``modules_to_save``."""
     require_bitsandbytes()
     skip = tuple(modules_to_save)
-    candidates = [(n, m) for n, m in candidate_modules(model) if not any(n == s or n.startswith(s + ".") for s in skip)]
+    candidates = [(n, m) for n, m in candidate_modules(model) if not is_inside_any(skip, n)]
     if config.quantize_modules == "all-linear":
         names = [n for n in all_linear_modules(model, candidates) if type(base_module(model.get_submodule(n))) is nn.Linear or is_quantized(base_module(model.get_submodule(n)))]
     else:

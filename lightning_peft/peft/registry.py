@@ -11,12 +11,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import MethodConfig
 from .layer import AdapterLayer
 
-__all__ = ["LAYERS", "METHODS", "Method", "Site", "config_from_dict", "method_for", "register_layer", "register_method"]
+__all__ = [
+    "LAYERS",
+    "METHODS",
+    "PEFT_EXPORTERS",
+    "Method",
+    "Site",
+    "config_from_dict",
+    "method_for",
+    "peft_exporter",
+    "register_layer",
+    "register_method",
+    "register_peft_exporter",
+]
 
 
 @dataclass(frozen=True)
@@ -43,8 +56,11 @@ class Method:
     prepare: Preparer | None = None
 
 
+PeftExporter = Callable[[AdapterLayer, nn.Module, str], dict[str, torch.Tensor]]
+
 METHODS: dict[str, Method] = {}
 LAYERS: dict[str, type[AdapterLayer]] = {}
+PEFT_EXPORTERS: dict[str, PeftExporter] = {}
 
 
 def register_layer(cls: type[AdapterLayer]) -> type[AdapterLayer]:
@@ -76,3 +92,15 @@ def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
     if name not in METHODS:
         raise ValueError(f"Unknown parameter-efficient method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name].config.from_dict(data)
+
+
+def register_peft_exporter(layer: str, exporter: PeftExporter) -> PeftExporter:
+    """How layers of method ``layer`` are written in Hugging Face PEFT's layout: ``exporter(layer, adapter, key)``
+    returns the tensors by PEFT key (``key`` is ``base_model.model.<module>``). Methods without one cannot be exported."""
+    PEFT_EXPORTERS[layer] = exporter
+    return exporter
+
+
+def peft_exporter(layer: str) -> PeftExporter | None:
+    """The PEFT-layout writer registered for layers of method ``layer`` (``None``: PEFT has no such layer)."""
+    return PEFT_EXPORTERS.get(layer)

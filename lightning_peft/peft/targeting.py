@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from torch import nn
 
-from ..groups.backbone import find_backbone
-from ..groups.matching import format_names, name_matches
+from ..groups.backbone import find_backbone, find_head, hf_models, output_embeddings
+from ..groups.matching import format_names, name_matches, select_names
+from ..utils.names import is_inside, is_inside_any, join, outermost
 from .config import ALL_LINEAR, AUTO, MethodConfig
 from .layer import AdapterLayer
 
@@ -58,7 +59,7 @@ def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
 
     def visit(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
-            full = f"{prefix}.{name}" if prefix else name
+            full = join(prefix, name)
             out.append((full, child))
             if not isinstance(child, AdapterLayer):
                 visit(full, child)
@@ -67,22 +68,6 @@ def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
 
     visit("", root)
     return out
-
-
-def hf_models(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The outermost ``transformers.PreTrainedModel`` instances in ``root`` (``""`` when it is one)."""
-    transformers = sys.modules.get("transformers")
-    if transformers is None:
-        return []
-    found: list[tuple[str, nn.Module]] = []
-    stack: list[tuple[str, nn.Module]] = [("", root)]
-    while stack:
-        name, module = stack.pop()
-        if isinstance(module, transformers.PreTrainedModel):
-            found.append((name, module))
-            continue
-        stack.extend((f"{name}.{n}" if name else n, c) for n, c in reversed(list(module.named_children())))
-    return found
 
 
 def _model_key(module: nn.Module) -> str | None:
@@ -97,30 +82,17 @@ def _model_key(module: nn.Module) -> str | None:
 def _within(candidates: list[tuple[str, nn.Module]], prefix: str) -> list[tuple[str, nn.Module]]:
     if not prefix:
         return candidates
-    return [(n, m) for n, m in candidates if n.startswith(prefix + ".")]
+    return [(n, m) for n, m in candidates if n != prefix and is_inside(prefix, n)]
 
 
 def select_modules(candidates: list[tuple[str, nn.Module]], patterns: Sequence[str], supported: Callable[[nn.Module], bool], what: str, root: nn.Module) -> list[str]:
     """Names among ``candidates`` selected by ``patterns`` that ``supported`` accepts; each pattern must select one."""
-    wrappable = [n for n, m in candidates if supported(base_module(m))]
-    selected: list[str] = []
-    for pattern in patterns:
-        hits = [n for n, _ in candidates if name_matches(pattern, n)]
-        usable = [n for n in hits if n in wrappable]
-        if not hits:
-            raise ValueError(
-                f"{what} pattern {pattern!r} matched no module of {type(root).__name__}. Use an exact name, a dotted "
-                f"suffix or 're:<regex>'. Modules it can wrap: {format_names(wrappable)}"
-            )
-        if not usable:
-            kinds = sorted({type(base_module(m)).__name__ for n, m in candidates if n in hits})
-            raise ValueError(
-                f"{what} pattern {pattern!r} matched only modules it cannot wrap ({', '.join(kinds)}: "
-                f"{format_names(hits, 8)}). Modules it can wrap: {format_names(wrappable)}"
-            )
-        selected.extend(n for n in usable if n not in selected)
-    order = {n: i for i, (n, _) in enumerate(candidates)}
-    return sorted(selected, key=order.__getitem__)
+    wrappable = {n for n, m in candidates if supported(base_module(m))}
+    kind = {n: type(base_module(m)).__name__ for n, m in candidates}
+    return select_names(
+        [n for n, _ in candidates], patterns, what=what, owner=type(root).__name__, usable=wrappable,
+        describe=lambda hits: ", ".join(sorted({kind[n] for n in hits})),
+    )
 
 
 def _default_targets(root: nn.Module, candidates: list[tuple[str, nn.Module]], defaults: Mapping[str, Sequence[str]], supported: Callable[[nn.Module], bool], what: str) -> list[str]:
@@ -148,21 +120,13 @@ def all_linear_modules(root: nn.Module, candidates: list[tuple[str, nn.Module]] 
     """Every linear layer (``nn.Linear``, GPT-2 ``Conv1D``) inside the pretrained backbone, not the output head."""
     candidates = candidate_modules(root) if candidates is None else candidates
     try:
-        split = find_backbone(root)
+        split, heads = find_backbone(root), find_head(root)
     except ValueError as err:
         raise ValueError(f"'all-linear' needs a recognised pretrained backbone: {err}") from None
-    outputs = set()
-    for prefix, model in hf_models(root):
-        get = getattr(model, "get_output_embeddings", None)
-        out = get() if callable(get) else None
-        outputs.update(f"{prefix}.{n}" if prefix and n else prefix or n for n, m in model.named_modules() if out is not None and m is out)
-
-    def inside(name: str, roots: Sequence[str]) -> bool:
-        return any(r == "" or name == r or name.startswith(r + ".") for r in roots)
-
+    outputs = set(output_embeddings(root))
     return [
         n for n, m in candidates
-        if is_linear(base_module(m)) and inside(n, split.backbone) and not inside(n, split.head) and n not in outputs
+        if is_linear(base_module(m)) and is_inside_any(split.backbone, n) and not is_inside_any(heads, n) and n not in outputs
     ]
 
 
@@ -179,7 +143,7 @@ def resolve_targets(
     ``defaults``: per-model-type patterns, or a function of the candidate modules.
     ``skip``: module names whose subtrees are never targeted (the modules saved in full).
     """
-    candidates = [(n, m) for n, m in candidate_modules(root) if not any(n == s or n.startswith(s + ".") for s in skip)]
+    candidates = [(n, m) for n, m in candidate_modules(root) if not is_inside_any(skip, n)]
     if config.target_modules is None and callable(defaults):
         names = defaults(candidates)
     elif config.target_modules is None:
@@ -198,40 +162,11 @@ def resolve_targets(
 
 
 def head_modules(root: nn.Module) -> list[str]:
-    """The task head: the outermost modules whose parameters all lie outside the pretrained backbone.
-
-    A language model's output embeddings (``lm_head``, tied to the input embeddings or not) are
-    pretrained, not a new head, so they never count. Empty when no backbone is recognised or the
-    module is a bare pretrained model.
-    """
+    """The task head (:func:`~lightning_peft.groups.backbone.find_head`); empty when no backbone is recognised."""
     try:
-        split = find_backbone(root)
+        return find_head(root)
     except ValueError:
         return []
-    heads = [root.get_submodule(h) for h in split.head]
-    head_params = {id(p) for h in heads for p in h.parameters()}
-    backbone = {id(p) for b in split.backbone for p in (root.get_submodule(b) if b else root).parameters()} - head_params
-    for _, model in hf_models(root):
-        get = getattr(model, "get_output_embeddings", None)
-        output = get() if callable(get) else None
-        if isinstance(output, nn.Module):
-            backbone |= {id(p) for p in output.parameters()}
-    out: list[str] = []
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        params = list(module.parameters())
-        if not params:
-            return
-        if prefix and all(id(p) not in backbone for p in params):
-            out.append(prefix)
-            return
-        if isinstance(module, AdapterLayer):
-            return
-        for name, child in module.named_children():
-            visit(f"{prefix}.{name}" if prefix else name, child)
-
-    visit("", root)
-    return out
 
 
 def resolve_modules_to_save(root: nn.Module, config: MethodConfig) -> list[str]:
@@ -243,7 +178,7 @@ def resolve_modules_to_save(root: nn.Module, config: MethodConfig) -> list[str]:
         return head_modules(root)
     candidates = candidate_modules(root)
     names = select_modules(candidates, spec, lambda m: any(True for _ in m.parameters()), "modules_to_save", root)
-    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    return outermost(names)
 
 
 def pattern_value(name: str, patterns: Mapping[str, float], default: float) -> float:
@@ -262,6 +197,6 @@ def has_bias(module: nn.Module) -> bool:
 def iter_bias_modules(root: nn.Module, skip: Sequence[str] = ()) -> Iterator[str]:
     """Names of the modules that own a bias, outside the subtrees in ``skip``."""
     for name, module in candidate_modules(root):
-        if has_bias(module) and not any(name == s or name.startswith(s + ".") for s in skip):
+        if has_bias(module) and not is_inside_any(skip, name):
             yield name
 

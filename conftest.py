@@ -1,0 +1,17 @@
+"""Process-wide test settings, also for the doctests of the library (``pytest`` collects ``lightning_peft/``).
+
+The Triton kernels run on CPU through Triton's interpreter: triton reads TRITON_INTERPRET when a kernel is
+decorated, so it is set before any kernel module is imported. Everything stays offline.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+# On a GPU, launch each kernel with its first autotune config instead of timing every config for every test
+# shape (the benchmark script autotunes).
+os.environ.setdefault("LIGHTNING_PEFT_AUTOTUNE", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

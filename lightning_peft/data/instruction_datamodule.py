@@ -1,0 +1,152 @@
+"""A LightningDataModule of instruction records for causal-LM supervised fine-tuning."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from ..models.pretrained import load_tokenizer
+from .instruction_tasks import INSTRUCTION_TASKS, load_instruction_task
+from .instructions import EncodedExample, encode_records, load_records, pack_examples, pad_examples, prompt_ids
+
+__all__ = ["InstructionDataModule"]
+
+Source = str | os.PathLike | Sequence[Mapping[str, Any]]
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Any]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.examples[i]
+
+
+def _collate(items: list[tuple[EncodedExample, list[int] | None, str | None]], pad_id: int, packing: bool, max_length: int) -> dict[str, Any]:
+    examples = [e for e, _, _ in items]
+    batch = pack_examples(examples, max_length, pad_id) if packing else pad_examples(examples, pad_id)
+    gen = [(p, r) for _, p, r in items if p is not None]
+    if gen:  # validation: the prompts alone, left-padded, for generation, and their reference answers
+        prompts = pad_examples([EncodedExample(p, p) for p, _ in gen], pad_id, side="left")
+        batch["prompt_ids"] = prompts["input_ids"]
+        batch["prompt_mask"] = prompts["attention_mask"]
+        batch["references"] = [r for _, r in gen]
+    return batch
+
+
+class InstructionDataModule(pl.LightningDataModule):
+    """Train/validation loaders of instruction examples with completion-only labels.
+
+    Training batches hold ``input_ids``, ``attention_mask`` and ``labels`` ``(B, T)`` (``-100`` on prompt
+    and padding); with ``packing=True`` several examples share a row, with ``position_ids`` and a 4-D
+    block-diagonal ``attention_mask`` ``(B, 1, T, T)``. Validation batches also carry the left-padded
+    prompts (``prompt_ids``, ``prompt_mask``) and the reference answers (``references``) of the first
+    ``generate_size`` validation examples, for generation-based metrics.
+
+    Args:
+        tokenizer: tokenizer name or path (usually the model's), or a loaded tokenizer.
+        train: records (list of dicts), a ``.jsonl``/``.json``/``.csv`` file, or a built-in task name
+            (``bbc_headlines``, ``bbc_topics``), which also provides the validation records.
+        val: validation records or file; default: ``val_fraction`` of ``train`` held out.
+        max_length: tokens per example (per row when packing); prompts are truncated from the left.
+        template: ``auto`` (the tokenizer's chat template when it has one), ``chat`` or ``plain``.
+        system_prompt: a system message put before chat prompts (``None``: the template's default).
+        packing: pack training examples into rows of ``max_length`` tokens.
+        train_size / val_size: keep only this many examples, for quick runs.
+        generate_size: validation examples whose answers are generated and scored (0: none).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | Any,
+        train: Source = "bbc_headlines",
+        val: Source | None = None,
+        max_length: int = 512,
+        batch_size: int = 8,
+        template: str = "auto",
+        system_prompt: str | None = None,
+        packing: bool = False,
+        val_fraction: float = 0.2,
+        train_size: int | None = None,
+        val_size: int | None = None,
+        generate_size: int = 16,
+        split_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("train_size", train_size), ("val_size", val_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+        self.tokenizer_name = tokenizer
+        self.train_source, self.val_source = train, val
+        self.max_length, self.batch_size = max_length, batch_size
+        self.template, self.system_prompt, self.packing = template, system_prompt, packing
+        self.val_fraction, self.train_size, self.val_size = val_fraction, train_size, val_size
+        self.generate_size, self.split_seed, self.num_workers = generate_size, split_seed, num_workers
+        self.tokenizer: Any = None
+        self.train_records: list[dict[str, Any]] = []
+        self.val_records: list[dict[str, Any]] = []
+
+    def _records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if isinstance(self.train_source, str) and self.train_source in INSTRUCTION_TASKS:
+            train, val = load_instruction_task(self.train_source, val_fraction=self.val_fraction, seed=self.split_seed)
+        else:
+            train = load_records(self.train_source)
+            if self.val_source is None:
+                order = list(range(len(train)))
+                random.Random(self.split_seed).shuffle(order)
+                n_val = max(1, round(len(train) * self.val_fraction))
+                val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
+            else:
+                val = []
+        if self.val_source is not None:
+            val = load_records(self.val_source)
+        if not train:
+            raise ValueError("no training records")
+        return train[: self.train_size], val[: self.val_size]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name) if isinstance(self.tokenizer_name, str) else self.tokenizer_name
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.train_records, self.val_records = self._records()
+        encode = partial(encode_records, self.tokenizer, max_length=self.max_length, template=self.template, system_prompt=self.system_prompt)
+        self._train = encode(self.train_records)
+        val = encode(self.val_records)
+        gen = [
+            (prompt_ids(self.tokenizer, r, self.template, self.system_prompt, i)[-self.max_length :], self._reference(r))
+            for i, r in enumerate(self.val_records[: self.generate_size])
+        ]
+        # Generation targets ride along with the first generate_size validation examples.
+        self._val = [(e, *gen[i]) if i < len(gen) else (e, None, None) for i, e in enumerate(val)]
+
+    @staticmethod
+    def _reference(record: Mapping[str, Any]) -> str:
+        return record["messages"][-1]["content"] if "messages" in record else str(record["completion"])
+
+    def _loader(self, items: list[Any], shuffle: bool, packing: bool) -> DataLoader:
+        collate = partial(_collate, pad_id=self.tokenizer.pad_token_id, packing=packing, max_length=self.max_length)
+        return DataLoader(_Examples(items), batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader([(e, None, None) for e in self._train], shuffle=True, packing=self.packing)
+
+    def val_dataloader(self) -> DataLoader:
+        # Generation needs the examples in batches of their own (with prompts) and the rest without.
+        with_gen = [item for item in self._val if item[1] is not None]
+        without = [item for item in self._val if item[1] is None]
+        return self._loader(with_gen + without, shuffle=False, packing=False) if self._val else []

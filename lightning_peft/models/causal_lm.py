@@ -1,0 +1,159 @@
+"""A LightningModule for supervised fine-tuning of a decoder LLM on instruction data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.instructions import IGNORE_INDEX
+from ..optim.build import OptimizerFactory, SchedulerFactory, configure_optimizers
+from ..peft.checkpoint import check_adapter_only_checkpoint
+from ..utils.atomic_files import atomic_write_text
+from .pretrained import _load, load_tokenizer
+
+__all__ = ["CausalLM", "completion_loss", "load_causal_lm"]
+
+
+def load_causal_lm(name_or_path: str, dtype: str | torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with offline resolution and a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return _load("causal LM", AutoModelForCausalLM.from_pretrained, name_or_path, dtype=dtype, **kwargs)
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on completion tokens: logits ``(B, T, V)``, labels ``(B, T)`` with ``-100`` masked.
+
+    Returns ``(loss, tokens)``: the mean (or ``sum``) over the ``tokens`` positions whose label is not
+    ``-100``. A batch with no completion token is an error: it almost always means a masking bug.
+    """
+    targets = labels[:, 1:]
+    tokens = (targets != IGNORE_INDEX).sum()
+    if int(tokens) == 0:
+        raise ValueError(
+            "every label in this batch is masked (-100): no completion token to learn from. Check that the records "
+            "have completions and that max_length leaves room for them."
+        )
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return (total if reduction == "sum" else total / tokens), tokens
+
+
+class CausalLM(pl.LightningModule):
+    """A ``transformers`` causal LM (``self.model``) trained on completion tokens only.
+
+    ``forward(input_ids, attention_mask=None, position_ids=None) -> logits (B, T, vocab)``. Logs
+    ``train/loss`` (mean over completion tokens), ``val/loss``, and on validation batches that carry
+    prompts (see :class:`~lightning_peft.InstructionDataModule`) greedy answers scored by ``val/rougeL``
+    and ``val/exact_match``; each validation writes ``samples.jsonl`` and ``samples.md`` (prompt,
+    reference, generated) into the trainer's ``default_root_dir`` (the run directory). Only parameters with ``requires_grad`` reach the
+    optimizer, so the PEFT and freezing callbacks decide what trains.
+
+    Args:
+        name_or_path: hub id or local folder of the model, or an already built ``nn.Module``.
+        tokenizer: tokenizer name or path (default: ``name_or_path``), for decoding generated answers.
+        optimizer: factory taking the parameters (Hydra ``_partial_``); default AdamW(lr=``default_lr``).
+        scheduler: factory ``(optimizer, total_steps=...)``, stepped every optimizer step; optional.
+        max_new_tokens: tokens generated per validation answer.
+        dtype: weights' dtype when loading by name (``float32``, ``bfloat16``; default: the checkpoint's).
+    """
+
+    default_lr = 2e-5
+
+    def __init__(
+        self,
+        name_or_path: str | nn.Module,
+        tokenizer: str | Any | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        max_new_tokens: int = 32,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "name_or_path", "tokenizer"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.max_new_tokens = max_new_tokens
+        self.model = load_causal_lm(name_or_path, dtype) if isinstance(name_or_path, (str, Path)) else name_or_path
+        if tokenizer is None and isinstance(name_or_path, (str, Path)):
+            tokenizer = str(name_or_path)
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        self._samples: list[dict[str, str]] = []
+        self._scores: dict[str, list[float]] = {"rougeL": [], "exact_match": []}
+        self.model.train()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_adapter_only_checkpoint(self, checkpoint)  # an adapter-only checkpoint without the PEFT callback: say so
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        return completion_loss(logits, batch["labels"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, tokens = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(tokens))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, tokens = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=int(tokens))
+        if "prompt_ids" in batch and self.tokenizer is not None:
+            answers = self.generate(batch["prompt_ids"], batch["prompt_mask"])
+            prompts = self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+            for prompt, reference, answer in zip(prompts, batch["references"], answers):
+                self._record(prompt, reference, answer)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs: Any) -> list[str]:
+        """Greedy answers (KV cache on) to left-padded prompts ``(B, T)``, decoded without special tokens."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        settings = {"max_new_tokens": self.max_new_tokens, "do_sample": False, "pad_token_id": pad, "eos_token_id": self.tokenizer.eos_token_id}
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **{**settings, **kwargs})
+        return [text.strip() for text in self.tokenizer.batch_decode(out[:, prompt_ids.shape[1] :], skip_special_tokens=True)]
+
+    def _record(self, prompt: str, reference: str, answer: str) -> None:
+        from torchmetrics.functional.text import rouge_score
+
+        rouge = float(rouge_score(answer, reference, rouge_keys="rougeL")["rougeL_fmeasure"])
+        exact = float(answer.strip().casefold() == reference.strip().casefold())
+        self._scores["rougeL"].append(rouge)
+        self._scores["exact_match"].append(exact)
+        self._samples.append({"prompt": prompt, "reference": reference, "generated": answer, "rougeL": round(rouge, 4), "exact_match": exact})
+
+    def on_validation_epoch_start(self) -> None:
+        self._samples = []
+        self._scores = {"rougeL": [], "exact_match": []}
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._samples:
+            return
+        for key, values in self._scores.items():
+            self.log(f"val/{key}", sum(values) / len(values), prog_bar=True, sync_dist=True)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write_samples()
+
+    def _write_samples(self) -> None:
+        root = Path(self.trainer.default_root_dir)  # the run directory (beside metrics.json)
+        lines = [json.dumps({"step": self.global_step, **s}, ensure_ascii=False) for s in self._samples]
+        atomic_write_text(root / "samples.jsonl", "\n".join(lines) + "\n")
+
+        def cell(text: str) -> str:
+            text = " ".join(text.split()).replace("|", "\\|")
+            return text if len(text) <= 160 else "…" + text[-159:]
+
+        table = ["| prompt (end) | reference | generated | ROUGE-L |", "|---|---|---|---:|"]
+        table += [f"| {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['generated'])} | {s['rougeL']:.3f} |" for s in self._samples]
+        atomic_write_text(root / "samples.md", f"# Validation samples at step {self.global_step}\n\n" + "\n".join(table) + "\n")
+
+    def configure_optimizers(self) -> Any:
+        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory, self.default_lr)

@@ -1,0 +1,307 @@
+"""Hugging Face PEFT's adapter layout, both ways: :func:`export_peft` and :func:`import_peft`.
+
+PEFT's layout is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` (``lora_embedding_A`` for embeddings,
+``<module>.base_layer.bias`` for trained biases, plain keys for ``modules_to_save``), relative to
+the ``transformers`` model inside yours -- what ``PeftModel.from_pretrained`` reads. Our exports
+are written all or nothing and carry ``lightning_peft_manifest.json`` (SHA-256 of every file; PEFT
+ignores it), so a folder mixing files of two exports is refused; folders written by PEFT itself
+have no manifest and are read as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..groups.matching import format_names
+from ..utils.atomic_folder import atomic_folder, resolve_folder
+from .functional import unmerged
+from .layer import adapter_layers
+from .loading import check_finite, file_sha256, install, read_json, read_safetensors
+from .lora import LoRAConfig, lora_kind
+from .registry import Site, peft_exporter
+from .targeting import base_module, hf_models
+
+__all__ = ["export_peft", "import_peft", "peft_task_type"]
+
+log = logging.getLogger(__name__)
+
+PEFT_CONFIG, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+EXTRA_WEIGHTS = "lightning_peft_extra.safetensors"  # tensors outside the transformers model (PEFT ignores the file)
+MANIFEST = "lightning_peft_manifest.json"  # SHA-256 of each file of an export (PEFT ignores the file)
+OWNED = (PEFT_CONFIG, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN, EXTRA_WEIGHTS, MANIFEST)
+PEFT_PREFIX = "base_model.model."
+_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
+
+
+def peft_task_type(hf: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a ``transformers`` model (``CAUSAL_LM``, ``SEQ_CLS``...), what ``AutoPeftModel`` needs."""
+    name = type(hf).__name__
+    if name.endswith("ForConditionalGeneration"):
+        return "SEQ_2_SEQ_LM" if getattr(getattr(hf, "config", None), "is_encoder_decoder", False) else "CAUSAL_LM"
+    for suffix, task in _TASKS:
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION" if name.endswith("Model") and hasattr(hf, "config") else None
+
+
+def _peft_root(model: nn.Module, root: str | None) -> str:
+    if root is not None:
+        model.get_submodule(root)  # raises on a wrong name
+        return root
+    found = hf_models(model)
+    if len(found) > 1:
+        raise ValueError(f"{type(model).__name__} holds several transformers models ({[n for n, _ in found]}); pass root=<module name>")
+    return found[0][0] if found else ""
+
+
+def _relative(name: str, root: str) -> str | None:
+    if not root:
+        return name
+    return name[len(root) + 1 :] if name.startswith(root + ".") else None
+
+
+def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default", root: str | None = None,
+                allow_non_finite: bool = False) -> Path:
+    """Write a LoRA adapter in PEFT's layout, loadable with ``PeftModel.from_pretrained(base, path)``.
+
+    ``root`` names the base model PEFT will wrap (default: the ``transformers`` model inside
+    ``model``); keys are relative to it. Tensors outside it (say a head of your LightningModule) go
+    to ``lightning_peft_extra.safetensors``, which :func:`import_peft` reads and PEFT ignores (a
+    warning lists them). ``task_type`` comes from the model's class, so
+    ``AutoPeftModelForCausalLM.from_pretrained(path)`` works when the base was loaded from a folder
+    or the Hub. The folder is replaced all or nothing; non-finite tensors are refused unless
+    ``allow_non_finite=True``.
+    """
+    from .adapter_files import adapter_config
+
+    config = adapter_config(model, adapter_name)
+    if not isinstance(config, LoRAConfig):
+        raise ValueError(f"PEFT export covers LoRA adapters; {adapter_name!r} is {config.method} (use save_adapter)")
+    root = _peft_root(model, root)
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    saved: list[str] = []
+    extra_saved: list[str] = []  # modules to save outside root: named in the extra file's metadata
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    fan_in_fan_out = False
+    with unmerged(model):
+        for name, layer in adapter_layers(model):
+            if adapter_name not in layer.adapters:
+                continue
+            adapter = layer.adapters[adapter_name]
+            rel = _relative(name, root)
+            out = tensors if rel is not None else extra
+            key = PEFT_PREFIX + (rel if rel is not None else name)
+            exporter = peft_exporter(layer.method)
+            if exporter is None:
+                raise ValueError(f"PEFT export cannot write {layer.method} layers (at {name!r})")
+            out.update(exporter(layer, adapter, key))
+            if layer.method == "lora" and rel is not None:
+                targets.append(rel)
+                fan_in_fan_out |= adapter.kind == "conv1d"
+                if adapter.spec["r"] != config.r:
+                    rank_pattern[re.escape(rel)] = adapter.spec["r"]
+                if adapter.spec["alpha"] != config.alpha:
+                    alpha_pattern[re.escape(rel)] = adapter.spec["alpha"]
+            elif layer.method == "modules_to_save":
+                (saved if rel is not None else extra_saved).append(rel if rel is not None else name)
+        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+        extra = {k: v.detach().contiguous().cpu().clone() for k, v in extra.items()}
+    if not targets:
+        raise ValueError(f"Adapter {adapter_name!r} has no LoRA layers inside {root or 'the model'!r}; nothing PEFT could load")
+    check_finite({**tensors, **extra}, f"export_peft: adapter {adapter_name!r}", path, allow_non_finite)
+    hf = model.get_submodule(root) if root else model
+    peft_config = {
+        "peft_type": "LORA", "task_type": peft_task_type(hf), "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(hf, "config", None), "_name_or_path", None) or None,
+        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
+        "target_modules": targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "bias": config.bias, "modules_to_save": saved or None, "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "revision": None, "exclude_modules": None,
+    }
+    import safetensors.torch as st
+
+    with atomic_folder(path, owned=OWNED) as tmp:
+        (tmp / PEFT_WEIGHTS).write_bytes(st.save(tensors))
+        if extra:
+            (tmp / EXTRA_WEIGHTS).write_bytes(st.save(extra, metadata={"modules_to_save": json.dumps(extra_saved)}))
+        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": "lightning_peft.manifest", "files": files}, indent=2) + "\n")
+    if extra:
+        log.warning(
+            "export_peft: %d tensors lie outside %r and went to %s; PEFT will not load them (import_peft does): %s",
+            len(extra), root, EXTRA_WEIGHTS, format_names(sorted(extra), 10),
+        )
+    return path
+
+
+def _check_manifest(folder: Path) -> None:
+    """Our exports: every file is the one the manifest lists (a folder mixing two exports is refused)."""
+    if not (folder / MANIFEST).exists():
+        return  # written by PEFT itself: taken as it is
+    listed = read_json(folder / MANIFEST, "export's manifest").get("files", {})
+    present = {name for name in OWNED if name != MANIFEST and (folder / name).exists()}
+    wrong = sorted(n for n in present | set(listed) if n not in listed or not (folder / n).exists() or file_sha256(folder / n) != listed[n])
+    if wrong:
+        raise ValueError(f"{folder}: {', '.join(wrong)} do not match {MANIFEST}: the folder mixes files of different "
+                         "exports or holds a damaged file. Export the adapter again, or copy all files of one export.")
+
+
+_UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens")
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
+             ".base_layer.bias": "bias", ".base_layer.weight": "base_weight"}
+
+
+def _pattern(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read_peft_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if (path / PEFT_WEIGHTS).exists():
+        return read_safetensors(path / PEFT_WEIGHTS, "PEFT adapter weights")
+    if (path / PEFT_WEIGHTS_BIN).exists():
+        try:
+            return torch.load(path / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path / PEFT_WEIGHTS_BIN} cannot be read ({type(e).__name__}: {e}); it is damaged or holds "
+                             "more than tensors. Download or export the adapter again.") from None
+    raise FileNotFoundError(f"{path} has {PEFT_CONFIG} but neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN}")
+
+
+def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default", root: str | None = None) -> str:
+    """Add a LoRA adapter saved by Hugging Face PEFT (or :func:`export_peft`) to ``model``; returns its name.
+
+    The modules to wrap come from the tensor file's keys, ranks from the tensor shapes and scaling
+    from ``adapter_config.json``. Options PEFT has and we do not (DoRA, LoRA bias, target
+    parameters, trainable tokens) are an error, never ignored. Full embedding weights PEFT saves
+    beside an embedding LoRA (``save_embedding_layers``) must equal the model's.
+    """
+    path = resolve_folder(Path(path))
+    cfg = read_json(path / PEFT_CONFIG, "PEFT adapter config")
+    if not isinstance(cfg, Mapping) or cfg.get("peft_type") != "LORA":
+        got = cfg.get("peft_type") if isinstance(cfg, Mapping) else type(cfg).__name__
+        raise ValueError(f"{path / PEFT_CONFIG}: peft_type {got!r}; import_peft reads LORA adapters")
+    for key in _UNSUPPORTED:
+        if cfg.get(key):
+            raise ValueError(f"{path / PEFT_CONFIG}: {key}={cfg[key]!r} is not supported by lightning_peft's LoRA")
+    _check_manifest(path)
+    file_tensors = _read_peft_tensors(path)
+    root = _peft_root(model, root)
+    absolute = lambda rel: f"{root}.{rel}" if root else rel
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in file_tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"{path / PEFT_WEIGHTS}: key {key!r} does not start with {PEFT_PREFIX!r}; not a LoRA adapter file")
+        tensors[absolute(key[len(PEFT_PREFIX) :])] = value
+    extra_saved: list[str] = []
+    if (path / EXTRA_WEIGHTS).exists():
+        from safetensors import safe_open
+
+        extra_tensors = read_safetensors(path / EXTRA_WEIGHTS, "extra tensors of the export")
+        with safe_open(str(path / EXTRA_WEIGHTS), "pt") as f:
+            extra_saved = json.loads((f.metadata() or {}).get("modules_to_save", "[]"))
+        tensors.update({k[len(PEFT_PREFIX) :]: v for k, v in extra_tensors.items()})
+
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        for suffix, part in _SUFFIXES.items():
+            if key.endswith(suffix):
+                lora.setdefault(key[: -len(suffix)], {})[part] = value
+                break
+        else:
+            rest[key] = value
+    module_names = {n for n, _ in model.named_modules()}
+    for module, parts in list(lora.items()):  # full embedding weights PEFT saves beside an embedding LoRA
+        if "base_weight" in parts:
+            _check_saved_base_weight(model, module, parts.pop("base_weight"), module_names, path)
+            if not parts:
+                del lora[module]
+    saved_patterns = cfg.get("modules_to_save") or []
+    saved_modules: dict[str, None] = {}
+    bitfit: list[str] = []
+    for key in rest:
+        owner = next((m for m in _prefixes(key) if m in extra_saved or (
+            m in module_names and any(re.match(rf"(^|.*\.){p}$", _relative(m, root) or m) for p in saved_patterns))), None)
+        if owner is not None:
+            saved_modules[owner] = None
+        elif key.endswith(".bias") and cfg.get("bias") == "all" and key[: -len(".bias")] in module_names:
+            bitfit.append(key[: -len(".bias")])
+        else:
+            raise ValueError(f"{path}: tensor {key!r} is neither a LoRA weight, a module to save nor a trained bias")
+
+    sites: list[Site] = []
+    ours: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for module, parts in lora.items():
+            if "A" not in parts or "B" not in parts:
+                raise ValueError(f"{path}: LoRA weights of {module!r} are incomplete (have {sorted(parts)})")
+            if module not in module_names:
+                raise ValueError(f"{path}: the adapter wraps {module!r}, which {type(model).__name__} does not have (a different base model?)")
+            base = base_module(model.get_submodule(module))
+            kind = lora_kind(base)
+            if kind is None:
+                raise ValueError(f"{path}: {module!r} is a {type(base).__name__}, which LoRA cannot wrap")
+            rel = _relative(module, root) or module
+            spec = {
+                "kind": kind, "r": int(parts["A"].shape[0]), "alpha": float(_pattern(cfg.get("alpha_pattern") or {}, rel, cfg.get("lora_alpha", 8))),
+                "dropout": float(cfg.get("lora_dropout") or 0.0), "rslora": bool(cfg.get("use_rslora")), "init": "kaiming",
+                "adapter_dtype": "float32", "bias": "bias" in parts,
+            }
+            sites.append(Site(module, "lora", spec))
+            ours[f"{module}.lora_A"], ours[f"{module}.lora_B"] = parts["A"], parts["B"]
+            if "bias" in parts:
+                ours[f"{module}.bias_delta"] = parts["bias"].to(base.bias.dtype) - base.bias.detach().cpu()
+        for module in bitfit:
+            base = base_module(model.get_submodule(module))
+            sites.append(Site(module, "bitfit", {}))
+            ours[f"{module}.bias_delta"] = rest[f"{module}.bias"].to(base.bias.dtype) - base.bias.detach().cpu()
+        for module in saved_modules:
+            sites.append(Site(module, "modules_to_save", {}))
+            ours.update({k: v for k, v in rest.items() if k.startswith(module + ".")})
+    config = LoRAConfig(
+        r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout") or 0.0),
+        use_rslora=bool(cfg.get("use_rslora")), bias=cfg.get("bias") or "none",
+        target_modules=[s.module for s in sites if s.layer == "lora"], modules_to_save=list(saved_modules) or None,
+    )
+    install(model, adapter_name, config, sites, ours, str(path))
+    return adapter_name
+
+
+def _check_saved_base_weight(model: nn.Module, module: str, saved: torch.Tensor, module_names: set[str], path: Path) -> None:
+    """PEFT saves the full weights of targeted embeddings (``save_embedding_layers``); they must be the model's own."""
+    if module not in module_names:
+        raise ValueError(f"{path}: the adapter holds weights of {module!r}, which {type(model).__name__} does not have (a different base model?)")
+    weight = getattr(base_module(model.get_submodule(module)), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != saved.shape or not torch.equal(weight.detach().cpu(), saved.to(weight.dtype)):
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        raise ValueError(
+            f"{path}: the adapter file holds full weights of {module!r} (PEFT's save_embedding_layers, e.g. after resizing "
+            f"the vocabulary) that differ from the model's (file {tuple(saved.shape)}, model {shape}): load the base model "
+            "those embeddings belong to (resize its token embeddings and load them) before importing the adapter."
+        )
+
+
+def _prefixes(key: str) -> list[str]:
+    """``a.b.c.weight`` -> ``["a.b.c", "a.b", "a"]`` (longest first)."""
+    parts = key.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]

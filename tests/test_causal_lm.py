@@ -1,0 +1,229 @@
+"""Causal-LM SFT: completion-only labels, packing, the CausalLM module and generation-based validation."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_peft import PEFT, CausalLM, InstructionDataModule, LoRAConfig
+from lightning_peft.data.instructions import IGNORE_INDEX, encode_example, pack_examples, pad_examples
+from lightning_peft.models.causal_lm import completion_loss
+
+CHATML = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+RECORDS = [
+    {"prompt": "What colour is the sky?", "completion": "Blue."},
+    {"prompt": "Name a fruit.", "completion": "An apple, a pear or a plum."},
+    {"prompt": "Two plus two?", "completion": "Four."},
+    {"prompt": "Capital of France?", "completion": "Paris."},
+    {"prompt": "Opposite of hot?", "completion": "Cold."},
+    {"prompt": "A colour of grass?", "completion": "Green."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lightning_peft import load_tokenizer
+
+    tok = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    tok.eos_token = "[SEP]"
+    return tok
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.eos_token = "[SEP]"
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_llama(seed: int = 0, attn: str = "sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102, attn_implementation=attn,
+                         initializer_range=0.3)
+    return LlamaForCausalLM(config)
+
+
+def test_plain_template_masks_exactly_the_prompt(tokenizer):
+    e = encode_example(tokenizer, RECORDS[1], max_length=64, template="plain")
+    prompt = tokenizer("### Instruction:\nName a fruit.\n\n### Response:\n")["input_ids"]
+    assert e.input_ids[: len(prompt)] == prompt
+    assert e.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    answer = e.labels[len(prompt) :]
+    assert IGNORE_INDEX not in answer and answer[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(answer, skip_special_tokens=True) == "an apple, a pear or a plum."
+
+
+def test_chat_template_masks_by_the_generation_prompt(chat_tokenizer):
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two plus two?"},
+                           {"role": "assistant", "content": "Four."}]}
+    e = encode_example(chat_tokenizer, record, max_length=64)
+    prompt = chat_tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+    assert e.input_ids[: len(prompt)] == prompt and e.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert chat_tokenizer.decode(e.labels[len(prompt) :], skip_special_tokens=True).strip() == "four."
+    assert e.labels[-1] == chat_tokenizer.eos_token_id
+
+
+def test_long_prompts_are_cut_from_the_left_never_the_completion(tokenizer):
+    record = {"prompt": "word " * 100, "completion": "The answer."}
+    e = encode_example(tokenizer, record, max_length=20, template="plain")
+    full = encode_example(tokenizer, record, max_length=1000, template="plain")
+    assert len(e.input_ids) == 20 and e.prompt_truncated == len(full.input_ids) - 20
+    assert e.input_ids == full.input_ids[-20:] and e.labels == full.labels[-20:]
+    with pytest.raises(ValueError, match=r"record 3: the completion alone is 51 tokens.*\(completions are never truncated\)"):
+        encode_example(tokenizer, {"prompt": "q", "completion": "long " * 50}, max_length=20, template="plain", index=3)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompt": "q"}, r"record 0: missing field\(s\) \['completion'\]"),
+        ({"prompt": "q", "completion": "  "}, "record 0: the completion is empty"),
+        ({"text": "q"}, "record 0: needs 'prompt' and 'completion', or 'messages'"),
+        ({"messages": [{"role": "user", "content": "q"}]}, "record 0: the last message must be the assistant's answer"),
+    ],
+)
+def test_bad_records_are_refused_by_number(tokenizer, record, message):
+    with pytest.raises(ValueError, match=message):
+        encode_example(tokenizer, record, max_length=64, template="plain")
+
+
+def test_a_batch_with_every_label_masked_is_refused():
+    with pytest.raises(ValueError, match="every label in this batch is masked"):
+        completion_loss(torch.randn(2, 5, 11), torch.full((2, 5), IGNORE_INDEX))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_gives_the_same_losses_and_gradients_as_unpacked(tokenizer, attn):
+    examples = [encode_example(tokenizer, r, 64, template="plain") for r in RECORDS[:4]]
+    model = tiny_llama(attn=attn)
+    lengths = [len(e.input_ids) for e in examples]
+    packed = pack_examples(examples, max_length=sum(lengths[:2]) + 1, pad_id=0)
+    assert packed["input_ids"].shape[0] == 2  # two rows of two examples each
+
+    def per_token_sum(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids")).logits
+        return completion_loss(logits, batch["labels"], reduction="sum")
+
+    model.zero_grad()
+    loss_u, n_u = per_token_sum(pad_examples(examples, pad_id=0))
+    loss_u.backward()
+    grads_u = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_p, n_p = per_token_sum(packed)
+    loss_p.backward()
+    assert int(n_u) == int(n_p)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-5)
+    for gp, gu in zip((p.grad for p in model.parameters()), grads_u):
+        torch.testing.assert_close(gp, gu, rtol=1e-4, atol=1e-5)
+
+
+def _datamodule(tokenizer, **kwargs) -> InstructionDataModule:
+    dm = InstructionDataModule(tokenizer, train=RECORDS * 4, val=RECORDS[:3], max_length=48, batch_size=4, template="plain", generate_size=3, **kwargs)
+    return dm
+
+
+def test_lora_sft_lowers_the_loss_changes_only_adapters_and_writes_samples(tokenizer, tmp_path):
+    model = CausalLM(tiny_llama(), tokenizer=tokenizer, max_new_tokens=4, optimizer=lambda ps: torch.optim.AdamW(ps, lr=3e-2))
+    base = {id(p): p.detach().clone() for p in model.parameters()}
+    losses = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                         callbacks=[PEFT(LoRAConfig(r=8, alpha=16, target_modules="all-linear")), Losses()])
+    trainer.fit(model, datamodule=_datamodule(tokenizer))
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    for name, p in model.named_parameters():
+        if ".adapters." in name:
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and torch.equal(p, base[id(p)]), name
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["reference"] for s in samples] == [r["completion"] for r in RECORDS[:3]]
+    assert all(0.0 <= s["rougeL"] <= 1.0 and isinstance(s["generated"], str) for s in samples)
+    assert {"val/rougeL", "val/exact_match", "val/loss"} <= set(trainer.callback_metrics)
+    assert (tmp_path / "samples.md").read_text().startswith("# Validation samples")
+
+
+def test_validation_generation_is_greedy_decoding_of_the_prompt(tokenizer):
+    model = CausalLM(tiny_llama(seed=3), tokenizer=tokenizer, max_new_tokens=5)
+    model.eval()
+    dm = _datamodule(tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    answers = model.generate(batch["prompt_ids"], batch["prompt_mask"])
+    # The same answer by a manual greedy loop on the unpadded prompt.
+    for row, answer in enumerate(answers):
+        ids = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()][None]
+        for _ in range(5):
+            nxt = model.model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if int(nxt) == tokenizer.eos_token_id:
+                break
+        new = ids[0, batch["prompt_mask"][row].sum() :]
+        assert answer == tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_generate_script_with_a_saved_adapter_prints_what_the_trained_module_generates(tokenizer, tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_models import randomize
+
+    from conftest import REPO
+    from lightning_peft import inject, save_adapter
+
+    base = tmp_path / "base"
+    tiny_llama(seed=5).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    module = CausalLM(str(base), max_new_tokens=6)
+    inject(module, LoRAConfig(r=4, target_modules="all-linear"))
+    randomize(module, std=0.3)
+    save_adapter(module, tmp_path / "adapter")
+    module.eval()
+    prompts = ["Name a fruit.", "Two plus two?"]
+    from lightning_peft.data.instructions import EncodedExample, prompt_ids
+
+    ids = [prompt_ids(module.tokenizer, {"prompt": p, "completion": "-"}, "plain") for p in prompts]
+    batch = pad_examples([EncodedExample(i, i) for i in ids], module.tokenizer.pad_token_id, side="left")
+    expected = module.generate(batch["input_ids"], batch["attention_mask"])
+    inject_free = CausalLM(str(base), max_new_tokens=6).eval()
+    assert expected != inject_free.generate(batch["input_ids"], batch["attention_mask"])  # the adapter matters
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "generate.py"), "--model", str(base), "--adapter", str(tmp_path / "adapter"),
+         "--template", "plain", "--max-new-tokens", "6", "--json", *[a for p in prompts for a in ("--prompt", p)]],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    got = [json.loads(line)["generated"] for line in out.stdout.splitlines() if line.startswith("{")]
+    assert got == expected
+
+
+def test_hydra_llm_job_trains_lora_and_writes_adapter_samples_and_metrics(compose, tiny_llama_dir, instructions_jsonl):
+    from conftest import tiny_llm_overrides
+    from lightning_peft.cli.train import train
+
+    cfg = compose(*tiny_llm_overrides(tiny_llama_dir, instructions_jsonl), "experiment=smollm2_headlines", "peft=lora",
+                  "peft.target_modules=all-linear", "trainer.max_steps=4", "data.val_size=4")
+    metrics = train(cfg)
+    out = __import__("pathlib").Path(cfg.paths.output_dir)
+    assert {"val/loss", "val/rougeL", "val/exact_match"} <= set(metrics)
+    assert (out / "adapter" / "adapter.safetensors").exists() and (out / "adapter" / "peft" / "adapter_config.json").exists()
+    peft_config = json.loads((out / "adapter" / "peft" / "adapter_config.json").read_text())
+    assert peft_config["task_type"] == "CAUSAL_LM"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["reference"].startswith("It is ") for s in samples)
