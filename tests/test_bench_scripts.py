@@ -99,3 +99,14 @@ def test_benchmark_strategies_vision_task_quick_budget_on_two_methods(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["budget"] == "quick"
     with pytest.raises(SystemExit, match="ia3 does not apply to task mnist"):
         script.main(["--task", "mnist", "--methods", "ia3", "--out", str(tmp_path)])
+
+
+def test_bench_llm_step_compares_ours_with_hf_peft_and_packing(tmp_path, monkeypatch, tiny_llama_dir):
+    out = tmp_path / "llm.json"
+    monkeypatch.setattr(sys, "argv", ["bench_llm_step.py", "--model", tiny_llama_dir, "--batch", "2", "--length", "160", "--rank", "4",
+                                      "--steps", "1", "--chars", "100", "--out", str(out)])
+    _script("bench_llm_step").main()
+    data = json.loads(out.read_text())
+    for key in ("frozen_fwd_bwd_s", "lightning_peft_lora_step_s", "hf_peft_lora_step_s", "ours_over_peft_speed", "packed_over_padded_speed"):
+        assert data[key] > 0, key
+    assert data["packed_rows"] < data["padded_rows"]  # short examples share rows when packed

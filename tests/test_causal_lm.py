@@ -227,3 +227,82 @@ def test_hydra_llm_job_trains_lora_and_writes_adapter_samples_and_metrics(compos
     assert peft_config["task_type"] == "CAUSAL_LM"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["reference"].startswith("It is ") for s in samples)
+
+
+METHODS = {
+    "lora": lambda: LoRAConfig(r=4, target_modules="all-linear"),
+    "ia3": lambda: __import__("lightning_peft").IA3Config(),
+    "adapter": lambda: __import__("lightning_peft").AdapterConfig(bottleneck_size=8),
+    "prompt_tuning": lambda: __import__("lightning_peft").PromptTuningConfig(num_virtual_tokens=4),
+    "prefix_tuning": lambda: __import__("lightning_peft").PrefixTuningConfig(num_virtual_tokens=4),
+    "p_tuning_v2": lambda: __import__("lightning_peft").PTuningV2Config(num_virtual_tokens=4),
+}
+
+
+def _fit_two_steps(tokenizer, callbacks, tmp_path) -> tuple[CausalLM, list[float]]:
+    model = CausalLM(tiny_llama(), tokenizer=tokenizer, max_new_tokens=3, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    losses: list[float] = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1, val_check_interval=3,
+                         callbacks=[*callbacks, Losses()])
+    trainer.fit(model, datamodule=_datamodule(tokenizer))
+    return model, losses
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_peft_method_trains_a_causal_lm_and_generates(tokenizer, tmp_path, method):
+    model, losses = _fit_two_steps(tokenizer, [PEFT(METHODS[method]())], tmp_path)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapters." in n or "prompt" in n or "prefix" in n for n in trainable), trainable[:5]
+    assert (tmp_path / "samples.jsonl").exists()  # generation ran with the method active
+
+
+def test_bitfit_on_a_llama_without_biases_says_so(tokenizer, tmp_path):
+    from lightning_peft import BitFitConfig
+
+    with pytest.raises(ValueError, match="BitFit found no bias parameters"):
+        _fit_two_steps(tokenizer, [PEFT(BitFitConfig())], tmp_path)
+
+
+@pytest.mark.parametrize("name", ["freeze_backbone", "gradual_unfreezing", "discriminative_lr", "l2sp"])
+def test_layer_group_callbacks_apply_to_a_causal_lm(tokenizer, tmp_path, name):
+    from lightning_peft import L2SP, DiscriminativeLR, FreezeBackbone, GradualUnfreezing
+
+    callback = {"freeze_backbone": lambda: FreezeBackbone(train_top=1), "gradual_unfreezing": lambda: GradualUnfreezing(steps=[100]),
+                "discriminative_lr": lambda: DiscriminativeLR(decay=0.5), "l2sp": lambda: L2SP(alpha=0.01)}[name]()
+    model, losses = _fit_two_steps(tokenizer, [callback], tmp_path)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    if name in ("freeze_backbone", "gradual_unfreezing"):  # no task head: the top layer trains from the start
+        assert not model.model.model.layers[0].self_attn.q_proj.weight.requires_grad
+        assert model.model.model.layers[-1].self_attn.q_proj.weight.requires_grad
+
+
+def test_exported_lora_generates_the_same_greedy_tokens_in_hf_peft(tokenizer, tmp_path):
+    from peft import PeftModel
+    from tiny_models import randomize
+
+    from lightning_peft import export_peft, inject
+
+    base = tmp_path / "base"
+    tiny_llama(seed=7).save_pretrained(base)
+    module = CausalLM(str(base), tokenizer=tokenizer, max_new_tokens=6)
+    inject(module, LoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize(module, std=0.3)
+    export_peft(module, tmp_path / "peft")
+    module.eval()
+    dm = _datamodule(tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    ours = module.model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    theirs_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), tmp_path / "peft").eval()
+    theirs = theirs_model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    base_only = LlamaForCausalLM.from_pretrained(base).eval().generate(
+        input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, base_only)  # the adapter changes what is generated

@@ -78,6 +78,7 @@ class GradualUnfreezing(LayerGroupCallback):
         self.steps = sorted(steps) if steps is not None else None
         self.groups_per_stage = groups_per_stage
         self.initial = initial
+        self._start = initial  # initial, or 1 for a model without a task head (set at setup)
         self.train_bn = train_bn
         self.freezer: LayerFreezer | None = None
         self._restored_top: int | None = None
@@ -98,7 +99,7 @@ class GradualUnfreezing(LayerGroupCallback):
             stages = bisect.bisect_right(self.epochs, epoch)
         else:
             stages = epoch // self.every_n_epochs
-        return self.initial + stages * self.groups_per_stage
+        return self._start + stages * self.groups_per_stage
 
     def on_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.freezer = LayerFreezer(pl_module, self.groups, train_bn=self.train_bn)
@@ -109,7 +110,12 @@ class GradualUnfreezing(LayerGroupCallback):
                 f"({', '.join(g.name for g in self.freezer.backbone)}), so every group would train from step 0 and nothing "
                 f"is unfrozen gradually. Use initial < {depth}, or drop GradualUnfreezing for full fine-tuning."
             )
-        self._set_top(self._restored_top if self._restored_top is not None else self.initial, announce=False)
+        self._start = self.initial
+        if not self.freezer.head and self.initial == 0:
+            # A language model has no new task head: something must train from the first step (ULMFiT starts with the top layer).
+            self._start = 1
+            rank_zero_info("GradualUnfreezing: the model has no task head, so its top layer group trains from the start (initial=1)")
+        self._set_top(self._restored_top if self._restored_top is not None else self._start, announce=False)
 
     def _set_top(self, top: int, announce: bool = True) -> None:
         before = self.freezer.top
