@@ -306,3 +306,52 @@ def test_exported_lora_generates_the_same_greedy_tokens_in_hf_peft(tokenizer, tm
         input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours, base_only)  # the adapter changes what is generated
+
+
+def _one_sgd_step(tokenizer, batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+    # In order, the first micro-batch has far fewer completion tokens than the second: a mean per micro-batch
+    # would weigh each of its tokens 4x as much as the second's.
+    records = [{"prompt": f"Question {i}?", "completion": "yes " * (1 if i < 4 else 12)} for i in range(8)]
+    model = CausalLM(tiny_llama(seed=1), tokenizer=tokenizer, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+    dm = InstructionDataModule(tokenizer, train=records, val=records[:2], max_length=48, batch_size=batch_size, template="plain", generate_size=0, shuffle=False)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_one_large_batch(tokenizer):
+    """Per-token mean over the whole step: 2 micro-batches of 4 == one batch of 8 (examples of unequal length)."""
+    whole = _one_sgd_step(tokenizer, batch_size=8, accumulate=1)
+    split = _one_sgd_step(tokenizer, batch_size=4, accumulate=2)
+    start = dict(tiny_llama(seed=1).named_parameters())
+    assert any(not torch.equal(whole[f"model.{n}"], p) for n, p in start.items())  # the step moved the weights
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_ddp_ranks_give_the_gradient_of_the_one_large_batch(tmp_path):
+    """Per-token mean over all ranks: 2 ranks x 4 records == 1 process x 8 records (rank 0 short, rank 1 long completions)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ddp_causal_lm_worker import one_step
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    out = tmp_path / "ddp.pt"
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_causal_lm_worker.py"), str(out)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = torch.load(out, weights_only=True)
+    _, single = one_step(devices=1, batch_size=8)
+    for name, value in single.named_parameters():
+        torch.testing.assert_close(ddp[name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)

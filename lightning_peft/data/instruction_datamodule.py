@@ -64,6 +64,7 @@ class InstructionDataModule(pl.LightningDataModule):
         packing: pack training examples into rows of ``max_length`` tokens.
         train_size / val_size: keep only this many examples, for quick runs.
         generate_size: validation examples whose answers are generated and scored (0: none).
+        shuffle: reshuffle the training examples every epoch.
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class InstructionDataModule(pl.LightningDataModule):
         generate_size: int = 16,
         split_seed: int = 0,
         num_workers: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (("train_size", train_size), ("val_size", val_size)):
@@ -94,7 +96,7 @@ class InstructionDataModule(pl.LightningDataModule):
         self.max_length, self.batch_size = max_length, batch_size
         self.template, self.system_prompt, self.packing = template, system_prompt, packing
         self.val_fraction, self.train_size, self.val_size = val_fraction, train_size, val_size
-        self.generate_size, self.split_seed, self.num_workers = generate_size, split_seed, num_workers
+        self.generate_size, self.split_seed, self.num_workers, self.shuffle = generate_size, split_seed, num_workers, shuffle
         self.tokenizer: Any = None
         self.train_records: list[dict[str, Any]] = []
         self.val_records: list[dict[str, Any]] = []
@@ -143,7 +145,7 @@ class InstructionDataModule(pl.LightningDataModule):
         return DataLoader(_Examples(items), batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader([(e, None, None) for e in self._train], shuffle=True, packing=self.packing)
+        return self._loader([(e, None, None) for e in self._train], shuffle=self.shuffle, packing=self.packing)
 
     def val_dataloader(self) -> DataLoader:
         # Generation needs the examples in batches of their own (with prompts) and the rest without.

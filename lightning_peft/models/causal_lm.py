@@ -49,8 +49,9 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
 class CausalLM(pl.LightningModule):
     """A ``transformers`` causal LM (``self.model``) trained on completion tokens only.
 
-    ``forward(input_ids, attention_mask=None, position_ids=None) -> logits (B, T, vocab)``. Logs
-    ``train/loss`` (mean over completion tokens), ``val/loss``, and on validation batches that carry
+    ``forward(input_ids, attention_mask=None, position_ids=None) -> logits (B, T, vocab)``. The training
+    gradient is that of the mean over every completion token of an optimizer step, however the step is split
+    into accumulated micro-batches and DDP ranks. Logs ``train/loss`` (per-token mean of each batch), ``val/loss``, and on validation batches that carry
     prompts (see :class:`~lightning_peft.InstructionDataModule`) greedy answers scored by ``val/rougeL``
     and ``val/exact_match``; each validation writes ``samples.jsonl`` and ``samples.md`` (prompt,
     reference, generated) into the trainer's ``default_root_dir`` (the run directory). Only parameters with ``requires_grad`` reach the
@@ -86,6 +87,7 @@ class CausalLM(pl.LightningModule):
             tokenizer = str(name_or_path)
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self._samples: list[dict[str, str]] = []
+        self._step_tokens: torch.Tensor | None = None  # completion tokens of the micro-batches since the last step
         self._scores: dict[str, list[float]] = {"rougeL": [], "exact_match": []}
         self.model.train()
 
@@ -100,9 +102,31 @@ class CausalLM(pl.LightningModule):
         return completion_loss(logits, batch["labels"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, tokens = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(tokens))
-        return loss
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        total, tokens = completion_loss(logits, batch["labels"], reduction="sum")
+        self.log("train/loss", total.detach() / tokens, prog_bar=True, batch_size=int(tokens))
+        # Backward on the sum; on_before_optimizer_step divides the gradients by the completion tokens of the
+        # whole optimizer step (all accumulated micro-batches, all ranks): a per-token mean however the batch is split.
+        self._step_tokens = tokens.detach().float() + (self._step_tokens if self._step_tokens is not None else 0.0)
+        return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the summed gradients into the per-token mean of this optimizer step (before any clipping).
+
+        Lightning divides each micro-batch loss by ``accumulate_grad_batches`` and DDP averages over ranks, so
+        the gradients hold ``Σ ∇sum / (k · world)``; multiplying by ``k · world / tokens`` (tokens summed over the
+        micro-batches and ranks) gives the gradient of the mean over every completion token of the step.
+        """
+        if self._step_tokens is None:
+            return
+        tokens = self._step_tokens
+        if self.trainer.world_size > 1:
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp_min(1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        self._step_tokens = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, tokens = self._loss(batch)
