@@ -308,29 +308,6 @@ def test_exported_lora_generates_the_same_greedy_tokens_in_hf_peft(tokenizer, tm
     assert not torch.equal(ours, base_only)  # the adapter changes what is generated
 
 
-def _one_sgd_step(tokenizer, batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
-    # In order, the first micro-batch has far fewer completion tokens than the second: a mean per micro-batch
-    # would weigh each of its tokens 4x as much as the second's.
-    records = [{"prompt": f"Question {i}?", "completion": "yes " * (1 if i < 4 else 12)} for i in range(8)]
-    model = CausalLM(tiny_llama(seed=1), tokenizer=tokenizer, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
-    dm = InstructionDataModule(tokenizer, train=records, val=records[:2], max_length=48, batch_size=batch_size, template="plain", generate_size=0, shuffle=False)
-    pl.seed_everything(0)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(model, datamodule=dm)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def test_accumulated_micro_batches_give_the_gradient_of_the_one_large_batch(tokenizer):
-    """Per-token mean over the whole step: 2 micro-batches of 4 == one batch of 8 (examples of unequal length)."""
-    whole = _one_sgd_step(tokenizer, batch_size=8, accumulate=1)
-    split = _one_sgd_step(tokenizer, batch_size=4, accumulate=2)
-    start = dict(tiny_llama(seed=1).named_parameters())
-    assert any(not torch.equal(whole[f"model.{n}"], p) for n, p in start.items())  # the step moved the weights
-    for name, value in whole.items():
-        torch.testing.assert_close(split[name], value, rtol=1e-5, atol=1e-6, msg=name)
-
-
 def test_two_ddp_ranks_give_the_gradient_of_the_one_large_batch(tmp_path):
     """Per-token mean over all ranks: 2 ranks x 4 records == 1 process x 8 records (rank 0 short, rank 1 long completions)."""
     import os

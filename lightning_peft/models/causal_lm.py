@@ -50,8 +50,8 @@ class CausalLM(pl.LightningModule):
     """A ``transformers`` causal LM (``self.model``) trained on completion tokens only.
 
     ``forward(input_ids, attention_mask=None, position_ids=None) -> logits (B, T, vocab)``. The training
-    gradient is that of the mean over every completion token of an optimizer step, however the step is split
-    into accumulated micro-batches and DDP ranks. Logs ``train/loss`` (per-token mean of each batch), ``val/loss``, and on validation batches that carry
+    loss is the mean over completion tokens; under DDP, over the completion tokens of all ranks' batches
+    (not a mean of per-rank means). Logs ``train/loss`` (per-token mean of each batch), ``val/loss``, and on validation batches that carry
     prompts (see :class:`~lightning_peft.InstructionDataModule`) greedy answers scored by ``val/rougeL``
     and ``val/exact_match``; each validation writes ``samples.jsonl`` and ``samples.md`` (prompt,
     reference, generated) into the trainer's ``default_root_dir`` (the run directory). Only parameters with ``requires_grad`` reach the
@@ -87,7 +87,6 @@ class CausalLM(pl.LightningModule):
             tokenizer = str(name_or_path)
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self._samples: list[dict[str, str]] = []
-        self._step_tokens: torch.Tensor | None = None  # completion tokens of the micro-batches since the last step
         self._scores: dict[str, list[float]] = {"rougeL": [], "exact_match": []}
         self.model.train()
 
@@ -105,28 +104,13 @@ class CausalLM(pl.LightningModule):
         logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         total, tokens = completion_loss(logits, batch["labels"], reduction="sum")
         self.log("train/loss", total.detach() / tokens, prog_bar=True, batch_size=int(tokens))
-        # Backward on the sum; on_before_optimizer_step divides the gradients by the completion tokens of the
-        # whole optimizer step (all accumulated micro-batches, all ranks): a per-token mean however the batch is split.
-        self._step_tokens = tokens.detach().float() + (self._step_tokens if self._step_tokens is not None else 0.0)
-        return total
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Turn the summed gradients into the per-token mean of this optimizer step (before any clipping).
-
-        Lightning divides each micro-batch loss by ``accumulate_grad_batches`` and DDP averages over ranks, so
-        the gradients hold ``Σ ∇sum / (k · world)``; multiplying by ``k · world / tokens`` (tokens summed over the
-        micro-batches and ranks) gives the gradient of the mean over every completion token of the step.
-        """
-        if self._step_tokens is None:
-            return
-        tokens = self._step_tokens
-        if self.trainer.world_size > 1:
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp_min(1.0)
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
-        self._step_tokens = None
+        world = self.trainer.world_size
+        if world == 1:
+            return total / tokens
+        # DDP averages gradients over ranks: sum · world / (tokens of all ranks) makes that average the gradient of
+        # the mean over every completion token of the global batch, however unevenly the ranks' tokens fall.
+        everywhere = self.trainer.strategy.reduce(tokens.detach().float(), reduce_op="sum")
+        return total * world / everywhere.clamp_min(1.0)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, tokens = self._loss(batch)
