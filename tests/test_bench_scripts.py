@@ -61,7 +61,7 @@ def test_benchmark_strategies_quick_budget_on_two_methods(tmp_path):
     assert set(rows) == {"full", "lora"}
     assert rows["full"]["trainable_pct"] == pytest.approx(100.0) and 0 < rows["lora"]["trainable_pct"] < 1
     assert rows["lora"]["saved_kind"] == "adapter file" and rows["lora"]["saved_MiB"] < rows["full"]["saved_MiB"] / 50
-    assert all(0 <= r["acc_mean"] <= 1 and r["epoch_seconds"] > 0 and r["peak_memory_MiB"] > 0 for r in rows.values())
+    assert all(0 <= r["score_mean"] <= 1 and r["epoch_seconds"] > 0 and r["peak_memory_MiB"] > 0 for r in rows.values())
     assert all(len(run["curve"]) == 2 for run in result["runs"])  # one validation per epoch, 2 epochs
     table = (tmp_path / "results.md").read_text()
     assert "LoRA r=8" in table and "full fine-tuning" in table
@@ -69,7 +69,7 @@ def test_benchmark_strategies_quick_budget_on_two_methods(tmp_path):
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second call reuses the finished runs instead of training again
     again = _script("benchmark_strategies").main(["--quick", "--methods", "lora", "--seeds", "0", "--out", str(tmp_path)])
-    assert again["runs"][0]["val_acc"] == result["runs"][1]["val_acc"]
+    assert again["runs"][0]["score"] == result["runs"][1]["score"]
     # --finished-only trains nothing: the table holds what finished, the rest is listed as not run
     summary = _script("benchmark_strategies").main(
         ["--quick", "--finished-only", "--methods", "full,lora,bitfit", "--seeds", "0,1", "--out", str(tmp_path)])
@@ -110,3 +110,19 @@ def test_bench_llm_step_compares_ours_with_hf_peft_and_packing(tmp_path, monkeyp
     for key in ("frozen_fwd_bwd_s", "lightning_peft_lora_step_s", "hf_peft_lora_step_s", "ours_over_peft_speed", "packed_over_padded_speed"):
         assert data[key] > 0, key
     assert data["packed_rows"] < data["padded_rows"]  # short examples share rows when packed
+
+
+def test_benchmark_strategies_llm_task_reports_generation_metrics(tmp_path, tiny_llama_dir, instructions_jsonl):
+    """The LLM task on the tiny Llama (the quick budget with its model and records swapped in): ROUGE-L and exact match."""
+    pytest.importorskip("matplotlib")
+    script = _script("benchmark_strategies")
+    extra = [f"model.name_or_path={tiny_llama_dir}", f"data.train={instructions_jsonl}"]
+    result = script.main(["--task", "smollm2_headlines", "--quick", "--methods", "lora,prompt_tuning", "--seeds", "0",
+                          "--out", str(tmp_path), "--extra", *extra])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"lora", "prompt_tuning"}
+    assert all(0 <= r["score_mean"] <= 1 and 0 <= r["score2_mean"] <= 1 and r["trainable_pct"] < 100 for r in rows.values())
+    table = (tmp_path / "results.md").read_text()
+    assert "| method | seeds | ROUGE-L (mean ± std) | exact match |" in table
+    with pytest.raises(SystemExit, match="bitfit does not apply to task smollm2_headlines"):
+        script.main(["--task", "smollm2_headlines", "--quick", "--methods", "bitfit", "--out", str(tmp_path)])
