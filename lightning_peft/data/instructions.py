@@ -128,10 +128,16 @@ def prompt_ids(tokenizer: Any, record: Mapping[str, Any], template: str = "auto"
     return _encode_prompt(tokenizer, messages, template, system_prompt)
 
 
+def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """``messages`` with ``system_prompt`` put first, unless it is ``None`` or the record has its own system message."""
+    if system_prompt is None or messages[0].get("role") == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def _encode_prompt(tokenizer: Any, messages: list[dict[str, str]], template: str, system_prompt: str | None) -> list[int]:
     if uses_chat_template(tokenizer, template):
-        if system_prompt is not None and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
+        messages = _with_system(messages, system_prompt)
         return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     text = "\n\n".join(m["content"] for m in messages if m.get("role") != "system")
     if system_prompt:
@@ -155,8 +161,7 @@ def encode_example(
     messages, completion = _split_record(record, index)
     prompt = _encode_prompt(tokenizer, messages, template, system_prompt)
     if uses_chat_template(tokenizer, template):
-        full_messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None and messages[0].get("role") != "system" else []) + messages
-        full = _ids(tokenizer.apply_chat_template([*full_messages, {"role": "assistant", "content": completion}], tokenize=True))
+        full = _ids(tokenizer.apply_chat_template([*_with_system(messages, system_prompt), {"role": "assistant", "content": completion}], tokenize=True))
         if full[: len(prompt)] != prompt:
             raise ValueError(
                 f"record {index}: the chat template renders the prompt differently with and without the answer, so the "

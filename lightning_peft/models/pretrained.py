@@ -66,35 +66,21 @@ def converted_gguf_model(name: str) -> Path | None:
     target = cache_dir() / "models" / f"{Path(file).stem}-{gguf.stat().st_size}"
     if (target / "config.json").exists():
         return target
-    import shutil
-    import tempfile
-
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    from ..utils.atomic_folder import atomic_folder
+
+    with atomic_folder(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=file)
-        loaded = AutoModelForCausalLM.from_pretrained(root, gguf_file=file, dtype=torch_float32())
+        loaded = AutoModelForCausalLM.from_pretrained(root, gguf_file=file, dtype=torch.float32)
         config = loaded.config
-        config.quantization_config = None
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
+        config.__dict__.pop("quantization_config", None)  # the GGUF loader's marker; the saved weights are plain fp32
         model = type(loaded)(config)  # a plain model: save_pretrained refuses the GGUF-loaded one
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def torch_float32():
-    import torch
-
-    return torch.float32
 
 
 def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
