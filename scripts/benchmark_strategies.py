@@ -119,9 +119,10 @@ class Task(NamedTuple):
 # their configs' rates but LoRA/QLoRA at 2e-4 on every linear layer). full: 200 training articles, one epoch,
 # 32 validation articles answered greedily and scored.
 LLM_METHODS: dict[str, tuple[str, list[str]]] = {
+    "zero_shot": ("zero-shot: the base model, untrained", ["train=false"]),
     "full": ("full fine-tuning (lr 2e-5)", []),
-    "lora": ("LoRA r=8, all linear layers (lr 2e-4)", ["peft=lora", "peft.target_modules=all-linear", "peft.lr=2e-4"]),
-    "qlora": ("QLoRA r=8, 4-bit NF4 base (lr 2e-4)", ["peft=qlora", "peft.target_modules=all-linear", "peft.lr=2e-4"]),
+    "lora": ("LoRA r=8, all linear layers (lr 1e-3)", ["peft=lora", "peft.target_modules=all-linear", "peft.lr=1e-3"]),
+    "qlora": ("QLoRA r=8, 4-bit NF4 base (lr 1e-3)", ["peft=qlora", "peft.target_modules=all-linear", "peft.lr=1e-3"]),
     "ia3": ("IA3", ["peft=ia3"]),
     "adapter_houlsby": ("Houlsby adapters", ["peft=adapter_houlsby"]),
     "prompt_tuning": ("prompt tuning", ["peft=prompt_tuning"]),
@@ -161,6 +162,7 @@ def available_methods(methods: dict[str, tuple[str, list[str]]] = METHODS) -> di
     out = {}
     for name, (label, overrides) in methods.items():
         choices = [o.split("=", 1) for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
+        choices = [(group, choice) for group, choice in choices if (configs / group).is_dir()]  # not plain keys (train=false)
         if all((configs / group / f"{choice}.yaml").exists() for group, choice in choices):
             out[name] = (label, overrides)
     return out
@@ -191,6 +193,7 @@ def run_one(method: str, overrides: list[str], seed: int, budget: list[str], ext
         "score": data["final"][metrics_keys[0]], "score2": data["final"][metrics_keys[1]],
         "trainable": trainable, "total": run["total_parameters"],
         "epoch_seconds": statistics.mean(run["epoch_seconds"]) if run.get("epoch_seconds") else None,
+        "step_seconds": sum(run["epoch_seconds"]) / data["final"]["global_step"] if run.get("epoch_seconds") and data["final"].get("global_step") else None,
         "peak_memory_MiB": run["peak_memory_bytes"] / 2**20, "peak_memory_kind": run["peak_memory_kind"],
         # what must be kept to reuse the result: the adapter file, else the trained weights in fp32
         "saved_MiB": (adapter.stat().st_size if adapter.exists() else 4 * trainable) / 2**20,
@@ -212,18 +215,29 @@ def summarise(runs: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[s
             "score2_mean": statistics.mean(f1), "score2_std": statistics.stdev(f1) if len(f1) > 1 else 0.0,
             "trainable": first["trainable"], "trainable_pct": 100.0 * first["trainable"] / first["total"],
             "saved_MiB": first["saved_MiB"], "saved_kind": first["saved_kind"],
-            "epoch_seconds": statistics.mean(r["epoch_seconds"] for r in mine if r["epoch_seconds"] is not None),
+            "epoch_seconds": _mean_or_none(r["epoch_seconds"] for r in mine),
+            "step_seconds": _mean_or_none(r.get("step_seconds") for r in mine),
             "peak_memory_MiB": max(r["peak_memory_MiB"] for r in mine), "peak_memory_kind": first["peak_memory_kind"],
         })
     return rows
 
 
+def _mean_or_none(values: Any) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def _seconds(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(rows: list[dict[str, Any]], labels: tuple[str, str] = ("val accuracy", "macro-F1")) -> str:
-    head = (f"| method | seeds | {labels[0]} (mean ± std) | {labels[1]} | trainable | % | saved | s / epoch | peak memory |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (f"| method | seeds | {labels[0]} (mean ± std) | {labels[1]} | trainable | % | saved | s / epoch | s / step | peak memory |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
         f"| {r['label']} | {r['seeds']} | {r['score_mean']:.3f} ± {r['score_std']:.3f} | {r['score2_mean']:.3f} ± {r['score2_std']:.3f} | "
-        f"{r['trainable']:,} | {r['trainable_pct']:.3f} | {_size(r['saved_MiB'])} | {r['epoch_seconds']:.0f} | {r['peak_memory_MiB']:,.0f} MiB |\n"
+        f"{r['trainable']:,} | {r['trainable_pct']:.3f} | {_size(r['saved_MiB'])} | {_seconds(r['epoch_seconds'], 0)} | "
+        f"{_seconds(r.get('step_seconds'), 2)} | {r['peak_memory_MiB']:,.0f} MiB |\n"
         for r in rows
     )
     return head + body
@@ -247,7 +261,11 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, lab
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, r in enumerate(sorted(rows, key=lambda r: r["trainable_pct"])):
+    for r in rows:
+        if r["trainable"] == 0:  # nothing trained (zero-shot): a baseline across the plot, not a point on the log axis
+            ax.axhline(r["score_mean"], linestyle="--", color="grey", label=r["method"])
+            ax.legend(fontsize=8)
+    for i, r in enumerate(sorted((r for r in rows if r["trainable"] > 0), key=lambda r: r["trainable_pct"])):
         ax.errorbar(r["trainable_pct"], r["score_mean"], yerr=r["score_std"], fmt="o", capsize=3, color=_colour(r["method"], rows))
         # neighbours along x alternate above/below their point so close labels do not overlap
         ax.annotate(r["method"], (r["trainable_pct"], r["score_mean"]), textcoords="offset points", xytext=(5, 4 if i % 2 else -11), fontsize=8)

@@ -40,7 +40,8 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 class MetricsJSON(pl.Callback):
     """Keep ``metrics.json`` up to date: ``{"final": {...}, "history": [{epoch, step, ...}, ...], "run": {...}}``.
 
-    ``run`` holds what trained (trainable and total parameters at fit start), the wall time of each
+    ``run`` holds what trained (trainable and total parameters at fit start; 0 trainable and
+    ``trained: false`` under ``trainer.validate``), the wall time of each
     training epoch and the peak memory (CUDA allocated on a GPU, process RSS on a CPU). Rewritten
     atomically after each validation run (sanity checks excluded) and at fit end, so a killed run
     still leaves the metrics it reached.
@@ -81,6 +82,10 @@ class MetricsJSON(pl.Callback):
     @rank_zero_only
     def _dump(self, data: dict[str, Any]) -> None:
         atomic_write_json(self.path, data)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # trainer.validate(): nothing trains, so say so
+            self.run.update(trained=False, trainable_parameters=0, total_parameters=count_parameters(pl_module).total)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -67,6 +67,9 @@ def _run_callbacks(callbacks: list[pl.Callback], loggers: list[Any], ckpt_dir: P
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured model and return the final metrics (also written to ``metrics.json``).
 
+    With ``train: false`` the model is only validated (as built, or from ``ckpt_path``): the zero-shot
+    baseline of a pretrained model, or an evaluation of a finished run.
+
     Output folders are checked writable and ``ckpt_path`` resolved before data or model load. On
     SIGTERM a resumable checkpoint is written (``<checkpoints>/last.ckpt``) and ``SystemExit(143)`` raised.
     """
@@ -95,6 +98,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _run_callbacks(callbacks, loggers, ckpt_dir)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    if not cfg.get("train", True):
+        log.info("train=false: validating only%s", f" the checkpoint {ckpt_path}" if ckpt_path else " the model as built (zero-shot)")
+        trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = _scalars(trainer.callback_metrics)
+        log.info("Final metrics: %s", metrics)
+        return metrics
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException as stop:

@@ -29,7 +29,7 @@ def _split(val_fraction: float, seed: int):
     return data, train, val
 
 
-def bbc_headlines(val_fraction: float = 0.2, seed: int = 0, max_chars: int = 1500) -> tuple[Records, Records]:
+def bbc_headlines(val_fraction: float = 0.2, seed: int = 0, max_chars: int = 1000) -> tuple[Records, Records]:
     """Article body -> its headline (scored by ROUGE-L)."""
     data, train, val = _split(val_fraction, seed)
 
@@ -40,7 +40,7 @@ def bbc_headlines(val_fraction: float = 0.2, seed: int = 0, max_chars: int = 150
     return [record(i) for i in train], [record(i) for i in val]
 
 
-def bbc_topics(val_fraction: float = 0.2, seed: int = 0, max_chars: int = 1500) -> tuple[Records, Records]:
+def bbc_topics(val_fraction: float = 0.2, seed: int = 0, max_chars: int = 400) -> tuple[Records, Records]:
     """Article -> one topic word out of the five (scored by exact match)."""
     data, train, val = _split(val_fraction, seed)
     choices = ", ".join(data.label_names)
