@@ -174,3 +174,19 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"adapter 'x' trains the bias of 'transformer.h.0.attn.c_attn'"):
         add_weighted_adapter(biased, ["x", "y"], [1, 1], "m", combination_type="cat")
     delete_adapter(biased, "x")
+
+
+def test_token_rows_of_one_adapter_are_copied_and_two_are_refused():
+    model = inject(llama(), LoRAConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5]), "tokens")
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"]), "plain")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    add_weighted_adapter(model, ["tokens", "plain"], [1.0, 1.0], "mix", combination_type="cat")
+    embed = model.model.embed_tokens
+    assert torch.equal(embed.adapters["mix"].rows, embed.adapters["tokens"].rows)
+    assert embed.adapters["mix"].rows.data_ptr() != embed.adapters["tokens"].rows.data_ptr()
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[7]), "more")
+    with pytest.raises(ValueError, match=r"adapters \['tokens', 'more'\] each train token rows of 'model.embed_tokens'"):
+        add_weighted_adapter(model, ["tokens", "more"], [1.0, 1.0], "mix2", combination_type="cat")

@@ -54,9 +54,10 @@ def add_weighted_adapter(
             from torch's global RNG (seed it to repeat a result); building the new adapter draws nothing.
         majority_sign_method: ``"total"`` or ``"frequency"``: how TIES elects each entry's sign.
 
-    The new adapter is frozen and not activated (call ``set_adapter``); a module saved in full
-    (``modules_to_save``) by one of ``adapters`` gets a copy of that adapter's module (PEFT takes a fresh
-    copy of the original); two adapters saving the same module cannot be combined. Returns ``adapter_name``.
+    The new adapter is frozen and not activated (call ``set_adapter``). A module saved in full
+    (``modules_to_save``) or token rows trained (``trainable_token_indices``) by one of ``adapters`` are copied
+    from that adapter (PEFT starts them afresh from the base model); two adapters training the same module
+    or rows cannot be combined. Returns ``adapter_name``.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -84,6 +85,7 @@ def add_weighted_adapter(
     sites: list[Site] = []
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, nn.Module] = {}
+    rows: dict[str, torch.Tensor] = {}  # trainable tokens: module -> the rows copied from the one adapter that has them
     with torch.no_grad():
         for name, layer in adapter_layers(model):
             present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
@@ -95,6 +97,15 @@ def add_weighted_adapter(
                                      "such copies cannot be combined: combine adapters that save different modules or none")
                 saved[name] = layer.adapters[present[0][0]]
                 sites.append(Site(name, "modules_to_save", {}))
+                continue
+            if layer.method == "trainable_tokens":
+                if len(present) > 1:
+                    raise ValueError(f"adapters {[a for a, _ in present]} each train token rows of {name!r} (trainable_token_indices); "
+                                     "such rows cannot be combined: combine adapters of which at most one trains tokens")
+                source = layer.adapters[present[0][0]]
+                sites.append(Site(name, "trainable_tokens", dict(source.spec)))
+                if not source.tied:
+                    rows[name] = source.rows.detach()
                 continue
             loras = [layer.adapters[a] for a, _ in present]
             ws = [w for _, w in present]
@@ -113,7 +124,9 @@ def add_weighted_adapter(
     config = dataclasses.replace(
         configs[0], r=new_rank, alpha=float(new_rank), use_rslora=False, rank_pattern={}, alpha_pattern={}, bias="none",
         target_modules=[s.module for s in sites if s.layer == "lora"], exclude_modules=None, modules_to_save=list(saved) or None,
+        trainable_token_indices={s.module: s.spec["indices"] for s in sites if s.layer == "trainable_tokens" and s.module in rows} or None,
     )
+    tensors.update({name: {"rows": value} for name, value in rows.items()})
     _place(model, sites, adapter_name, config, tensors, saved)
     return adapter_name
 
@@ -151,7 +164,7 @@ def _lora_configs(model: nn.Module, adapters: list[str]) -> list[LoRAConfig]:
             if adapter not in layer.adapters:
                 continue
             configs.setdefault(adapter, layer.configs[adapter])
-            if layer.method == "modules_to_save":
+            if layer.method in ("modules_to_save", "trainable_tokens"):
                 continue
             module = layer.adapters[adapter]
             if layer.method != "lora" or not isinstance(module, LoRA) or not isinstance(layer.configs[adapter], LoRAConfig):
@@ -226,9 +239,9 @@ def _place(model: nn.Module, sites: list[Site], adapter_name: str, config: LoRAC
     try:
         with torch.no_grad():
             for name, parts in tensors.items():
-                lora = model.get_submodule(name).adapters[adapter_name]
-                lora.lora_A.copy_(parts["lora_A"])
-                lora.lora_B.copy_(parts["lora_B"])
+                adapter = model.get_submodule(name).adapters[adapter_name]
+                for key, value in parts.items():
+                    getattr(adapter, key).copy_(value)
             for name, source in saved.items():
                 layer: AdapterLayer = model.get_submodule(name)
                 layer.adapters[adapter_name] = copy.deepcopy(source)

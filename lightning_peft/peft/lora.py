@@ -22,6 +22,7 @@ from .layer import AdapterLayer
 from .quantization import is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method, register_peft_exporter
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
+from .trainable_tokens import check_token_indices, plan_trainable_tokens
 
 __all__ = ["LORA_DEFAULT_TARGETS", "LoRA", "LoRAConfig", "LoRALayer", "lora_kind"]
 
@@ -70,6 +71,8 @@ class LoRAConfig(MethodConfig):
         init: ``"kaiming"`` (uniform, as nn.Linear) or ``"gaussian"`` (std 1/r) for A.
         adapter_dtype: ``"float32"`` keeps adapter weights in fp32 on fp16/bf16 bases; ``"base"`` uses the base dtype.
         use_kernels: use the fused Triton kernel on CUDA for linear layers when it applies.
+        trainable_token_indices: also train these rows of the input embeddings (token ids, e.g. new special
+            tokens) and nothing else of them, or ``{module pattern: [ids]}``; a tied LM head follows (PEFT's option).
         target_modules, exclude_modules, modules_to_save: see :class:`~lightning_peft.peft.config.MethodConfig`.
     """
 
@@ -85,10 +88,12 @@ class LoRAConfig(MethodConfig):
     init: str = "kaiming"
     adapter_dtype: str = "float32"
     use_kernels: bool = True
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
+        self.trainable_token_indices = check_token_indices(owner, self.trainable_token_indices)
         self.rank_pattern = {k: check_scalar(owner, f"rank_pattern[{k!r}]", v, "int") for k, v in dict(self.rank_pattern or {}).items()}
         self.alpha_pattern = {k: check_scalar(owner, f"alpha_pattern[{k!r}]", v, "float") for k, v in dict(self.alpha_pattern or {}).items()}
         for name, value in (("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())):
@@ -270,6 +275,7 @@ def plan_lora(model: nn.Module, config: LoRAConfig, modules_to_save: list[str]) 
         }
         sites.append(Site(name, "lora", spec))
     _warn_oversized_ranks(model, sites)
+    sites.extend(plan_trainable_tokens(model, config, modules_to_save, taken=[s.module for s in sites]))
     if config.bias == "all":
         wrapped = set(targets)
         sites.extend(Site(n, "bitfit", {}) for n in iter_bias_modules(model, skip=modules_to_save) if n not in wrapped)
