@@ -125,6 +125,7 @@ def add_weighted_adapter(
         configs[0], r=new_rank, alpha=float(new_rank), use_rslora=False, rank_pattern={}, alpha_pattern={}, bias="none",
         target_modules=[s.module for s in sites if s.layer == "lora"], exclude_modules=None, modules_to_save=list(saved) or None,
         trainable_token_indices={s.module: s.spec["indices"] for s in sites if s.layer == "trainable_tokens" and s.module in rows} or None,
+        target_parameters=None,
     )
     tensors.update({name: {"rows": value} for name, value in rows.items()})
     _place(model, sites, adapter_name, config, tensors, saved)
@@ -167,6 +168,9 @@ def _lora_configs(model: nn.Module, adapters: list[str]) -> list[LoRAConfig]:
             if layer.method in ("modules_to_save", "trainable_tokens"):
                 continue
             module = layer.adapters[adapter]
+            if layer.method == "lora_param":
+                raise ValueError(f"adapter {adapter!r} has LoRA on parameters (target_parameters) at {name!r}; add_weighted_adapter "
+                                 "combines LoRA on modules only (as PEFT)")
             if layer.method != "lora" or not isinstance(module, LoRA) or not isinstance(layer.configs[adapter], LoRAConfig):
                 raise ValueError(f"adapter {adapter!r} has a {layer.method} layer at {name!r}; add_weighted_adapter combines LoRA adapters only")
             if module.bias_delta is not None:
