@@ -8,6 +8,7 @@ from . import bitfit, bottleneck, ia3, lora, modules_to_save, prefix, prompt, ql
 from .adapter_files import adapter_config, load_adapter, save_adapter
 from .bitfit import BitFitConfig
 from .bottleneck import AdapterConfig
+from .combine import add_weighted_adapter
 from .config import ALL_LINEAR, MethodConfig
 from .functional import (
     active_adapters,
@@ -63,6 +64,7 @@ __all__ = [
     "adapter_layers",
     "adapter_parameters",
     "adapter_state_dict",
+    "add_weighted_adapter",
     "base_weight_memory",
     "config_from_dict",
     "delete_adapter",

@@ -105,6 +105,8 @@ def apply_sites(model: nn.Module, sites: Sequence[Site], adapter_name: str, conf
             replace_module(model, name, layer)
         adapter.train(layer.training)
         layer.add_adapter(adapter_name, adapter, config)
+    for name, _, _, _ in built:
+        model.get_submodule(name).link(model, name, adapter_name)
 
 
 def place_adapter(
@@ -240,7 +242,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
         listing = "; ".join(f"{name}: {reason}" for name, reason in blocked[:4]) + (f"; ... ({len(blocked) - 4} more)" if len(blocked) > 4 else "")
         raise RuntimeError(f"Cannot merge: {listing}")
     for name, layer in adapter_layers(model):
-        if isinstance(layer, ModulesToSaveLayer):
+        if isinstance(layer, ModulesToSaveLayer) or layer.merges_tied_weights:
             continue
         for param in layer.base_layer.parameters(recurse=False):
             if id(param) in tied and any(n in layer.adapters for n in (adapter_names or layer.active)):

@@ -48,6 +48,7 @@ class AdapterLayer(nn.Module):
 
     method: ClassVar[str] = ""
     transparent: ClassVar[bool] = False  # True: targeting looks inside base_layer (a wrapper around a whole model)
+    merges_tied_weights: ClassVar[bool] = False  # True: merging is right on a weight shared with other modules
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -76,6 +77,10 @@ class AdapterLayer(nn.Module):
             raise RuntimeError(f"cannot add adapter {name!r} while {list(self.merged)} are merged; unmerge first")
         self.adapters[name] = adapter
         self.configs[name] = config
+
+    def link(self, model: nn.Module, name: str, adapter_name: str) -> None:
+        """Called once every site of adapter ``adapter_name`` is in place (this layer is ``model.<name>``): an
+        adapter that uses another layer's adapter (tied trainable tokens) finds it here. Most layers need nothing."""
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:

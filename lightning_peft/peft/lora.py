@@ -19,9 +19,11 @@ from torch import nn
 
 from .config import MethodConfig, check_choice, check_probability, check_scalar
 from .layer import AdapterLayer
+from .lora_params import plan_lora_parameters
 from .quantization import is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method, register_peft_exporter
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
+from .trainable_tokens import check_token_indices, plan_trainable_tokens
 
 __all__ = ["LORA_DEFAULT_TARGETS", "LoRA", "LoRAConfig", "LoRALayer", "lora_kind"]
 
@@ -70,6 +72,10 @@ class LoRAConfig(MethodConfig):
         init: ``"kaiming"`` (uniform, as nn.Linear) or ``"gaussian"`` (std 1/r) for A.
         adapter_dtype: ``"float32"`` keeps adapter weights in fp32 on fp16/bf16 bases; ``"base"`` uses the base dtype.
         use_kernels: use the fused Triton kernel on CUDA for linear layers when it applies.
+        trainable_token_indices: also train these rows of the input embeddings (token ids, e.g. new special
+            tokens) and nothing else of them, or ``{module pattern: [ids]}``; a tied LM head follows (PEFT's option).
+        target_parameters: LoRA on parameters, e.g. MoE expert stacks ``["experts.gate_up_proj", "experts.down_proj"]``
+            (``<module>.<param>`` names or their dotted ends, PEFT's option); with ``target_modules=None`` no module is wrapped.
         target_modules, exclude_modules, modules_to_save: see :class:`~lightning_peft.peft.config.MethodConfig`.
     """
 
@@ -85,10 +91,17 @@ class LoRAConfig(MethodConfig):
     init: str = "kaiming"
     adapter_dtype: str = "float32"
     use_kernels: bool = True
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
+        self.trainable_token_indices = check_token_indices(owner, self.trainable_token_indices)
+        if self.target_parameters is not None:
+            self.target_parameters = [self.target_parameters] if isinstance(self.target_parameters, str) else list(self.target_parameters)
+            if not self.target_parameters or not all(isinstance(t, str) and t for t in self.target_parameters):
+                raise ValueError(f"{owner}: target_parameters={self.target_parameters!r} is invalid: give parameter names such as ['experts.gate_up_proj']")
         self.rank_pattern = {k: check_scalar(owner, f"rank_pattern[{k!r}]", v, "int") for k, v in dict(self.rank_pattern or {}).items()}
         self.alpha_pattern = {k: check_scalar(owner, f"alpha_pattern[{k!r}]", v, "float") for k, v in dict(self.alpha_pattern or {}).items()}
         for name, value in (("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())):
@@ -253,7 +266,8 @@ class LoRALayer(AdapterLayer):
 
 def plan_lora(model: nn.Module, config: LoRAConfig, modules_to_save: list[str]) -> list[Site]:
     """LoRA sites for the targets (rank/alpha overrides applied); with ``bias="all"`` BitFit sites for other biases."""
-    targets = resolve_targets(model, config, lambda m: lora_kind(m) is not None, LORA_DEFAULT_TARGETS, "LoRA target_modules", skip=modules_to_save)
+    targets = [] if config.target_parameters and config.target_modules is None else resolve_targets(  # parameters only
+        model, config, lambda m: lora_kind(m) is not None, LORA_DEFAULT_TARGETS, "LoRA target_modules", skip=modules_to_save)
     sites = []
     for name in targets:
         base = model.get_submodule(name)
@@ -270,6 +284,8 @@ def plan_lora(model: nn.Module, config: LoRAConfig, modules_to_save: list[str]) 
         }
         sites.append(Site(name, "lora", spec))
     _warn_oversized_ranks(model, sites)
+    sites.extend(plan_lora_parameters(model, config, modules_to_save, taken=[s.module for s in sites]))
+    sites.extend(plan_trainable_tokens(model, config, modules_to_save, taken=[s.module for s in sites]))
     if config.bias == "all":
         wrapped = set(targets)
         sites.extend(Site(n, "bitfit", {}) for n in iter_bias_modules(model, skip=modules_to_save) if n not in wrapped)

@@ -27,8 +27,10 @@ from .functional import unmerged
 from .layer import adapter_layers
 from .loading import check_finite, file_sha256, install, read_json, read_safetensors
 from .lora import LoRAConfig, lora_kind
+from .lora_params import match_parameters
 from .registry import Site, peft_exporter
 from .targeting import base_module, hf_models
+from .trainable_tokens import PEFT_TOKENS_KEY, token_sites
 
 __all__ = ["export_peft", "import_peft", "peft_task_type"]
 
@@ -97,6 +99,8 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     fan_in_fan_out = False
+    token_indices: dict[str, list[int]] = {}  # trainable tokens: module -> token ids (tied modules follow in PEFT too)
+    target_parameters: list[str] = []  # LoRA on parameters: <module>.<param>
     with unmerged(model):
         for name, layer in adapter_layers(model):
             if adapter_name not in layer.adapters:
@@ -118,9 +122,20 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
                     alpha_pattern[re.escape(rel)] = adapter.spec["alpha"]
             elif layer.method == "modules_to_save":
                 (saved if rel is not None else extra_saved).append(rel if rel is not None else name)
+            elif layer.method == "lora_param":
+                if rel is None:
+                    raise ValueError(f"PEFT export: LoRA on parameters of {name!r} lies outside {root!r}; PEFT cannot hold it (use save_adapter)")
+                for pname, factors in adapter.factors.items():
+                    target_parameters.append(f"{rel}.{pname}")
+                    if factors.r != config.r:
+                        rank_pattern[re.escape(f"{rel}.{pname}")] = factors.r
+            elif layer.method == "trainable_tokens" and not adapter.tied:
+                if rel is None:
+                    raise ValueError(f"PEFT export: trainable tokens of {name!r} lie outside {root!r}; PEFT cannot hold them (use save_adapter)")
+                token_indices[rel] = list(adapter.spec["indices"])
         tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
         extra = {k: v.detach().contiguous().cpu().clone() for k, v in extra.items()}
-    if not targets:
+    if not targets and not target_parameters:
         raise ValueError(f"Adapter {adapter_name!r} has no LoRA layers inside {root or 'the model'!r}; nothing PEFT could load")
     check_finite({**tensors, **extra}, f"export_peft: adapter {adapter_name!r}", path, allow_non_finite)
     hf = model.get_submodule(root) if root else model
@@ -131,7 +146,8 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
         "target_modules": targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": config.bias, "modules_to_save": saved or None, "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
-        "revision": None, "exclude_modules": None,
+        "revision": None, "exclude_modules": None, "trainable_token_indices": token_indices or None,
+        "target_parameters": target_parameters or None,
     }
     import safetensors.torch as st
 
@@ -162,7 +178,7 @@ def _check_manifest(folder: Path) -> None:
                          "exports or holds a damaged file. Export the adapter again, or copy all files of one export.")
 
 
-_UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens")
+_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "alora_invocation_tokens")
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
              ".base_layer.bias": "bias", ".base_layer.weight": "base_weight"}
 
@@ -191,8 +207,8 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     """Add a LoRA adapter saved by Hugging Face PEFT (or :func:`export_peft`) to ``model``; returns its name.
 
     The modules to wrap come from the tensor file's keys, ranks from the tensor shapes and scaling
-    from ``adapter_config.json``. Options PEFT has and we do not (DoRA, LoRA bias, target
-    parameters, trainable tokens) are an error, never ignored. Full embedding weights PEFT saves
+    from ``adapter_config.json``. Options PEFT has and we do not (DoRA, LoRA bias) are an error,
+    never ignored; trainable tokens and LoRA on parameters (``target_parameters``, e.g. MoE experts) are read. Full embedding weights PEFT saves
     beside an embedding LoRA (``save_embedding_layers``) must equal the model's.
     """
     path = resolve_folder(Path(path))
@@ -221,6 +237,8 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
             extra_saved = json.loads((f.metadata() or {}).get("modules_to_save", "[]"))
         tensors.update({k[len(PEFT_PREFIX) :]: v for k, v in extra_tensors.items()})
 
+    tokens = {key[: -len(PEFT_TOKENS_KEY)]: tensors.pop(key) for key in list(tensors) if key.endswith(PEFT_TOKENS_KEY)}
+    param_sites, param_tensors = _param_lora(model, cfg, tensors, root, path)
     lora: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -275,16 +293,78 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
             base = base_module(model.get_submodule(module))
             sites.append(Site(module, "bitfit", {}))
             ours[f"{module}.bias_delta"] = rest[f"{module}.bias"].to(base.bias.dtype) - base.bias.detach().cpu()
+        sites.extend(param_sites)
+        ours.update(param_tensors)
+        token_targets = _token_targets(cfg.get("trainable_token_indices"), tokens, root, path)
+        unknown = [m for m in token_targets if m not in module_names]
+        if unknown:
+            raise ValueError(f"{path}: the adapter trains token rows of {unknown}, which {type(model).__name__} does not have (a different base model?)")
+        for site in token_sites(model, token_targets):
+            sites.append(site)
+            if site.spec["tied_to"] is None:
+                ours[f"{site.module}.rows"] = tokens[site.module]
         for module in saved_modules:
             sites.append(Site(module, "modules_to_save", {}))
             ours.update({k: v for k, v in rest.items() if k.startswith(module + ".")})
     config = LoRAConfig(
         r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout") or 0.0),
         use_rslora=bool(cfg.get("use_rslora")), bias=cfg.get("bias") or "none",
-        target_modules=[s.module for s in sites if s.layer == "lora"], modules_to_save=list(saved_modules) or None,
+        target_modules=[s.module for s in sites if s.layer == "lora"] or None, modules_to_save=list(saved_modules) or None,
+        trainable_token_indices=token_targets or None,
+        target_parameters=[f"{s.module}.{p}" for s in param_sites for p in s.spec["params"]] or None,
     )
     install(model, adapter_name, config, sites, ours, str(path))
     return adapter_name
+
+
+def _param_lora(model: nn.Module, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], root: str,
+                path: Path) -> tuple[list[Site], dict[str, torch.Tensor]]:
+    """PEFT's ``target_parameters``: pop each parameter's ``lora_A``/``lora_B`` from ``tensors`` (keyed by PEFT's nesting
+    of ParamWrappers, see :func:`~lightning_peft.peft.lora_params.peft_param_keys`) and return our sites and tensors."""
+    from .lora_params import peft_param_keys
+
+    patterns = cfg.get("target_parameters")
+    if not patterns:
+        return [], {}
+    hf = model.get_submodule(root) if root else model
+    absolute = lambda rel: f"{root}.{rel}" if root else rel
+    sites, ours = [], {}
+    for rel, names in match_parameters(hf, list(patterns)).items():
+        module = absolute(rel)
+        options = {}
+        for name, prefix in peft_param_keys(module, names).items():
+            a, b = tensors.pop(f"{prefix}.lora_A.weight", None), tensors.pop(f"{prefix}.lora_B.weight", None)
+            if a is None or b is None:
+                raise ValueError(f"{path}: target_parameters names {rel}.{name} but the weights lack its lora_A/lora_B ({prefix}.lora_A.weight)")
+            param = getattr(base_module(model.get_submodule(module)), name)
+            experts = param.shape[0] if param.dim() == 3 else 1
+            rank = a.shape[0] // experts
+            alpha = _pattern(cfg.get("alpha_pattern") or {}, f"{rel}.{name}", cfg.get("lora_alpha", 8))
+            options[name] = {"r": int(rank), "alpha": float(alpha)}
+            ours[f"{module}.factors.{name}.lora_A"], ours[f"{module}.factors.{name}.lora_B"] = a, b
+        sites.append(Site(module, "lora_param", {"params": options, "rslora": bool(cfg.get("use_rslora")), "adapter_dtype": "float32"}))
+    return sites, ours
+
+
+def _token_targets(indices: Any, tokens: dict[str, torch.Tensor], root: str, path: Path) -> dict[str, list[int]]:
+    """Module -> token ids of PEFT's trainable tokens: ``trainable_token_indices`` is the ids (of the one saved
+    embedding) or ``{module: ids}`` (keys match a module name's end, as in PEFT); each saved tensor has one row per id."""
+    if bool(tokens) != bool(indices):
+        raise ValueError(f"{path}: trainable_token_indices={indices!r} but the weights hold trainable tokens of "
+                         f"{sorted(tokens) or 'no module'}; the config and the weights do not belong together")
+    targets: dict[str, list[int]] = {}
+    for module, rows in tokens.items():
+        rel = _relative(module, root) or module
+        if isinstance(indices, Mapping):
+            ids = next((v for k, v in indices.items() if rel == k or rel.endswith("." + k)), None)
+        else:
+            ids = indices if len(tokens) == 1 else None
+        if ids is None:
+            raise ValueError(f"{path}: trainable tokens of {rel!r} are saved but trainable_token_indices={indices!r} gives no ids for it")
+        if rows.dim() != 2 or rows.shape[0] != len(ids):
+            raise ValueError(f"{path}: {rel!r} has {len(ids)} trainable token ids but saved rows of shape {tuple(rows.shape)}")
+        targets[module] = [int(i) for i in ids]
+    return targets
 
 
 def _check_saved_base_weight(model: nn.Module, module: str, saved: torch.Tensor, module_names: set[str], path: Path) -> None:
