@@ -400,6 +400,13 @@ def test_window_tokens_count_the_loss_tokens_and_survive_lightnings_distributed_
             assert int(batch["window_tokens"]) == sum(counts[i] for i in window)
         # ... and the count is what the loss counts: labels after the shift that are not -100.
         assert sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches[:2]) == int(batches[0]["window_tokens"])
+    # Shuffling draws from the global generator as DataLoader(shuffle=True)'s own batch sampler does, so RNGState's resume holds.
+    torch.manual_seed(5)
+    ours = [i for batch in loader.batch_sampler for i, _ in batch]
+    state = torch.get_rng_state()
+    torch.manual_seed(5)
+    plain = [i for batch in DataLoader(range(len(UNEVEN)), batch_size=2, shuffle=True).batch_sampler for i in batch]
+    assert ours == plain and torch.equal(torch.get_rng_state(), state)
     # Windows end where Lightning steps: every `accumulate` batches and at a limit_train_batches cut.
     limited = WindowBatchSampler(range(7), 1, False, tokens=[1, 2, 3, 4, 5, 6, 7], accumulate=2, limit_batches=3)
     assert [w for [(_, w)] in limited] == [3, 3, 3, 9, 9, 13, 13]

@@ -24,7 +24,7 @@ from ..losses.distillation import (
 )
 from ..models.causal_lm import CausalLM
 from ..optim.param_groups import add_param_group
-from ..utils.calls import bind_forward
+from ..utils.calls import bind_forward, forward_signature
 from ..utils.patching import Patch, patch_method
 
 __all__ = ["Distillation"]
@@ -149,7 +149,7 @@ class Distillation(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(alpha=self.alpha, temperature=self.temperature, hidden=self.hidden, beta=self.beta)
+        return self._generate_state_key(alpha=self.alpha, temperature=self.temperature, hidden=self.hidden)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -293,8 +293,10 @@ class Distillation(pl.Callback):
         ]
         if self.teacher.training:  # someone called .train() on it
             self.teacher.eval()
-        if self._per_token:  # CausalLM.forward's inputs, by name, to its transformers teacher
-            s_args, s_kwargs = (), {**bind_forward(student, s_args, s_kwargs).arguments, "use_cache": False}
+        if self._per_token:  # CausalLM.forward's inputs, by name, to its transformers teacher (no KV cache to build)
+            s_args, s_kwargs = (), bind_forward(student, s_args, s_kwargs).arguments
+            if "use_cache" in forward_signature(self.teacher).parameters:
+                s_kwargs["use_cache"] = False
         try:
             with torch.no_grad():
                 teacher_logits = _logits(self.teacher(*s_args, **s_kwargs), "teacher")
