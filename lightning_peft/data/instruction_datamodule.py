@@ -46,7 +46,10 @@ class WindowBatchSampler(BatchSampler):
     :class:`~lightning_peft.CausalLM` divides each micro-batch's loss sum by it, so the accumulated gradient
     is the gradient of the mean over every completion token of the window. It subclasses ``BatchSampler``
     and takes ``sampler`` so Lightning can re-create it around a ``DistributedSampler`` under DDP: each
-    rank then counts its own windows, and ``CausalLM`` sums the counts over ranks.
+    rank then counts its own windows, and ``CausalLM`` sums the counts over ranks. A resume in the middle
+    of an epoch (Lightning restarts a plain loader's epoch there) keeps windows aligned when the checkpoint
+    was written after an optimizer step, except that epoch's last window when its length is not a multiple
+    of ``accumulate``.
 
     Example:
         >>> batches = WindowBatchSampler(SequentialSampler(range(5)), 2, False, tokens=[1, 2, 3, 4, 5], accumulate=2)
