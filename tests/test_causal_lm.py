@@ -412,3 +412,13 @@ def test_window_tokens_count_the_loss_tokens_and_survive_lightnings_distributed_
     assert [w for [(_, w)] in limited] == [3, 3, 3, 9, 9, 13, 13]
     with pytest.raises(ValueError, match="accumulate must be a positive integer"):
         WindowBatchSampler(range(7), 1, False, tokens=[1] * 7, accumulate=0)
+
+
+def test_token_divisor_uses_the_window_and_refuses_a_count_below_the_batchs_own(tokenizer):
+    model = CausalLM(tiny_llama(), tokenizer=tokenizer)
+    model.trainer = pl.Trainer(accelerator="cpu", accumulate_grad_batches=4, logger=False)
+    # Lightning divides the returned loss by 4: sum / (window / 4) / 4 == sum / window.
+    assert float(model.token_divisor({"window_tokens": torch.tensor(10)}, torch.tensor(3))) == 2.5
+    assert float(model.token_divisor({}, torch.tensor(3))) == 3.0  # no window: this micro-batch's mean
+    with pytest.raises(ValueError, match="window_tokens=2 is less than its own 3 completion tokens"):
+        model.token_divisor({"window_tokens": torch.tensor(2)}, torch.tensor(3))
