@@ -48,6 +48,7 @@ from .losses.distillation import (
     hidden_state_loss,
     load_teacher,
     soft_target_loss,
+    token_distillation_loss,
 )
 from .losses.l2sp import l2sp_penalty
 from .models import (
@@ -194,6 +195,7 @@ __all__ = [
     "replicated_modules",
     "resolve_pretrained",
     "soft_target_loss",
+    "token_distillation_loss",
     "sync_replicated_gradients",
     "unfreeze",
     "warmup_schedule",

@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import PEFT, CausalLM, InstructionDataModule, LoRAConfig
+from lightning_peft.data.instruction_datamodule import _Examples as _Items
 from lightning_peft.data.instructions import IGNORE_INDEX, encode_example, pack_examples, pad_examples
 from lightning_peft.models.causal_lm import completion_loss
 
@@ -308,8 +309,9 @@ def test_exported_lora_generates_the_same_greedy_tokens_in_hf_peft(tokenizer, tm
     assert not torch.equal(ours, base_only)  # the adapter changes what is generated
 
 
-def test_two_ddp_ranks_give_the_gradient_of_the_one_large_batch(tmp_path):
-    """Per-token mean over all ranks: 2 ranks x 4 records == 1 process x 8 records (rank 0 short, rank 1 long completions)."""
+def test_two_ddp_ranks_accumulating_give_the_gradient_of_the_one_large_batch(tmp_path):
+    """Per-token mean over all ranks and micro-batches: 2 ranks x 2 accumulated micro-batches of 2 records (Lightning's
+    DistributedSampler injected into the window sampler) == 1 process x 8 records, with uneven completions everywhere."""
     import os
     import socket
     import subprocess
@@ -332,3 +334,91 @@ def test_two_ddp_ranks_give_the_gradient_of_the_one_large_batch(tmp_path):
     _, single = one_step(devices=1, batch_size=8)
     for name, value in single.named_parameters():
         torch.testing.assert_close(ddp[name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+# Completions of uneven length: 11 records = windows of 2 x 4 records, then a last window of 3 (one short micro-batch).
+UNEVEN = [{"prompt": f"Question {i}?", "completion": "yes " * n} for i, n in enumerate([1, 1, 2, 1, 9, 12, 7, 10, 3, 1, 14])]
+
+
+class _OwnLoader(InstructionDataModule):
+    """A user's own training loader: plain batches without ``window_tokens``."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Items([(e, None, None) for e in self._train]), batch_size=self.batch_size, collate_fn=self._collate(self.packing))
+
+
+def _sgd_epoch(tokenizer, tmp_path, batch_size: int, accumulate: int, packing: bool, datamodule=InstructionDataModule) -> dict[str, torch.Tensor]:
+    """The weights after one epoch of SGD on UNEVEN (in order) from the same tiny Llama."""
+    model = CausalLM(tiny_llama(seed=1), tokenizer=tokenizer, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    dm = datamodule(tokenizer, train=UNEVEN, val=UNEVEN[:1], max_length=48, batch_size=batch_size, template="plain", generate_size=0,
+                    shuffle=False, packing=packing)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_window(tokenizer, tmp_path, packing):
+    """2 x 4 accumulated == 1 x 8 (then a last window of 3 alone): the loss is the mean over every completion token of the window."""
+    whole = _sgd_epoch(tokenizer, tmp_path, batch_size=8, accumulate=1, packing=packing)
+    accumulated = _sgd_epoch(tokenizer, tmp_path, batch_size=4, accumulate=2, packing=packing)
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    if packing:
+        return
+    # A loader without window_tokens falls back to a per-token mean of each micro-batch, which here differs.
+    fallback = _sgd_epoch(tokenizer, tmp_path, batch_size=4, accumulate=2, packing=packing, datamodule=_OwnLoader)
+    embed = "model.model.embed_tokens.weight"
+    assert not torch.allclose(fallback[embed], whole[embed], rtol=1e-4, atol=1e-5)
+
+
+def test_window_tokens_count_the_loss_tokens_and_survive_lightnings_distributed_sampler(tokenizer):
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    from lightning_peft.data.instruction_datamodule import WindowBatchSampler
+
+    dm = InstructionDataModule(tokenizer, train=UNEVEN, val=UNEVEN[:1], max_length=48, batch_size=2, template="plain", packing=True)
+    dm.setup("fit")
+    dm.trainer = pl.Trainer(accelerator="cpu", accumulate_grad_batches=2, logger=False)
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):  # as Lightning calls the hook
+        loader = dm.train_dataloader()
+    assert _is_dataloader_shuffled(loader)
+    counts = [e.completion_tokens for e in dm._train]
+    for rank in (0, 1):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        ranked = _update_dataloader(loader, sampler)
+        assert isinstance(ranked.batch_sampler, WindowBatchSampler) and ranked.batch_sampler.sampler is sampler
+        order = list(sampler)  # 6 indices: 3 batches of 2, windows of 2 batches then 1
+        windows = [order[:4], order[4:]]
+        batches = list(ranked)
+        assert len(batches) == 3
+        for batch, window in zip(batches, [windows[0], windows[0], windows[1]]):
+            assert int(batch["window_tokens"]) == sum(counts[i] for i in window)
+        # ... and the count is what the loss counts: labels after the shift that are not -100.
+        assert sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches[:2]) == int(batches[0]["window_tokens"])
+    # Shuffling draws from the global generator as DataLoader(shuffle=True)'s own batch sampler does, so RNGState's resume holds.
+    torch.manual_seed(5)
+    ours = [i for batch in loader.batch_sampler for i, _ in batch]
+    state = torch.get_rng_state()
+    torch.manual_seed(5)
+    plain = [i for batch in DataLoader(range(len(UNEVEN)), batch_size=2, shuffle=True).batch_sampler for i in batch]
+    assert ours == plain and torch.equal(torch.get_rng_state(), state)
+    # Windows end where Lightning steps: every `accumulate` batches and at a limit_train_batches cut.
+    limited = WindowBatchSampler(range(7), 1, False, tokens=[1, 2, 3, 4, 5, 6, 7], accumulate=2, limit_batches=3)
+    assert [w for [(_, w)] in limited] == [3, 3, 3, 9, 9, 13, 13]
+    with pytest.raises(ValueError, match="accumulate must be a positive integer"):
+        WindowBatchSampler(range(7), 1, False, tokens=[1] * 7, accumulate=0)
+
+
+def test_token_divisor_uses_the_window_and_refuses_a_count_below_the_batchs_own(tokenizer):
+    model = CausalLM(tiny_llama(), tokenizer=tokenizer)
+    model.trainer = pl.Trainer(accelerator="cpu", accumulate_grad_batches=4, logger=False)
+    # Lightning divides the returned loss by 4: sum / (window / 4) / 4 == sum / window.
+    assert float(model.token_divisor({"window_tokens": torch.tensor(10)}, torch.tensor(3))) == 2.5
+    assert float(model.token_divisor({}, torch.tensor(3))) == 3.0  # no window: this micro-batch's mean
+    with pytest.raises(ValueError, match="window_tokens=2 is less than its own 3 completion tokens"):
+        model.token_divisor({"window_tokens": torch.tensor(2)}, torch.tensor(3))

@@ -20,8 +20,11 @@ from ..losses.distillation import (
     load_teacher,
     output_width,
     soft_target_loss,
+    token_distillation_loss,
 )
+from ..models.causal_lm import CausalLM
 from ..optim.param_groups import add_param_group
+from ..utils.calls import bind_forward, forward_signature
 from ..utils.patching import Patch, patch_method
 
 __all__ = ["Distillation"]
@@ -38,6 +41,13 @@ def _logits(output: Any, who: str) -> Tensor:
 
 def _hidden(output: Any) -> Tensor:
     return layer_hidden(output, "Distillation: ")
+
+
+def _vocab(model: nn.Module) -> int | None:
+    """Rows of a causal LM's output embedding (its vocabulary size), if it has one."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return int(head.weight.shape[0]) if head is not None else None
 
 
 def _one(root: nn.Module, pattern: str, what: str) -> str:
@@ -64,6 +74,17 @@ class Distillation(pl.Callback):
     up there). Only the student's trainable parameters get gradients, so it works with any PEFT
     method injected in the student.
 
+    Causal LMs (:class:`~lightning_peft.CausalLM`): distillation is per token. Student and teacher
+    logits ``(B, T, V)`` are compared where the next-token loss is (``logits[:, :-1]`` where
+    ``labels[:, 1:] != -100``, so prompt and padding positions never count) by
+    :func:`~lightning_peft.token_distillation_loss`, and the sum is normalised like the module's own loss
+    (per completion token of the accumulation window and of all DDP ranks, see
+    :meth:`~lightning_peft.CausalLM.token_divisor`), so the total is
+    ``Σ_tokens (α · CE + (1 − α) · T² · KL) / tokens``. The teacher (a causal LM by folder / hub id, a
+    ``transformers`` module or another ``CausalLM``) must share the student's tokenizer: a different
+    vocabulary size is an error. ``beta`` between 0 and 1 replaces the forward KL by GKD's generalised JSD
+    (1: reverse KL). ``distill/soft`` logs the per-token mean.
+
     Hidden-state matching: ``hidden=[(student_layer, teacher_layer), ...]`` adds
     ``hidden_weight · MSE`` between the layers' outputs (over real tokens when the forward gets an
     ``attention_mask``); when widths differ a learned linear projection maps the student's to the
@@ -73,7 +94,8 @@ class Distillation(pl.Callback):
     and restored from, the callback's checkpoint state.
 
     Args:
-        teacher: an ``nn.Module``, or a ``transformers`` folder / hub id / ``TextClassifier`` ``.ckpt`` (see :func:`~lightning_peft.load_teacher`).
+        teacher: an ``nn.Module``, or a ``transformers`` folder / hub id / ``TextClassifier`` ``.ckpt`` (see :func:`~lightning_peft.load_teacher`);
+            for a ``CausalLM`` student, a causal LM's folder / hub id.
         alpha: weight of your task loss, in ``[0, 1]``.
         temperature: softmax temperature ``T > 0``.
         student: name of the submodule whose forward returns the logits (default: the LightningModule).
@@ -81,6 +103,7 @@ class Distillation(pl.Callback):
         hidden_weight: weight of the hidden-state term.
         projection: learn projections where widths differ (otherwise that is an error).
         num_labels: classes of a teacher loaded by name (default: the module's ``hparams.num_classes``).
+        beta: divergence: ``0`` forward KL (Hinton), ``1`` reverse KL, between: generalised JSD (GKD).
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[Distillation(teacher, alpha=0.5, temperature=2.0)])  # doctest: +SKIP
@@ -96,11 +119,14 @@ class Distillation(pl.Callback):
         hidden_weight: float = 1.0,
         projection: bool = True,
         num_labels: int | None = None,
+        beta: float = 0.0,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"Distillation: alpha must be in [0, 1] (weight of your task loss), got {alpha}")
         if temperature <= 0:
             raise ValueError(f"Distillation: temperature must be > 0, got {temperature}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"Distillation: beta must be in [0, 1] (0: forward KL, 1: reverse KL, between: generalised JSD), got {beta}")
         pairs = [tuple(p) for p in (hidden or [])]
         if any(len(p) != 2 for p in pairs):
             raise ValueError(f"Distillation: hidden must be a list of (student_layer, teacher_layer) pairs, got {hidden}")
@@ -115,6 +141,8 @@ class Distillation(pl.Callback):
         self.hidden_weight = hidden_weight
         self.projection = projection
         self.num_labels = num_labels
+        self.beta = beta
+        self._per_token = False  # a CausalLM student: distil per completion token
         self.projections = nn.ModuleDict()
         self._pairs: list[tuple[str, str, str]] = []  # (student module, teacher module, projection key or "")
         self._step_patch: Patch | None = None
@@ -128,10 +156,21 @@ class Distillation(pl.Callback):
             return
         if not pl_module.automatic_optimization:
             raise ValueError("Distillation works with automatic optimization; with manual optimization add distillation_loss to your own step.")
+        self._per_token = isinstance(pl_module, CausalLM)
         if self.teacher is None:
             num_labels = self.num_labels or (pl_module.hparams.get("num_classes") if hasattr(pl_module, "hparams") else None)
-            self.teacher = load_teacher(self.teacher_spec, num_labels)
+            self.teacher = load_teacher(self.teacher_spec, num_labels, causal_lm=self._per_token)
+        if isinstance(self.teacher, CausalLM):  # call its transformers model, which takes use_cache
+            self.teacher = self.teacher.model
         teacher = self.teacher
+        if self._per_token:
+            student_vocab, teacher_vocab = _vocab(pl_module.model), _vocab(teacher)
+            if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
+                raise ValueError(
+                    f"Distillation: the teacher's vocabulary has {teacher_vocab} tokens and the student's {student_vocab}; "
+                    "token-level distillation compares next-token distributions token by token, so both must use the same "
+                    "tokenizer. HINT: pick a teacher of the student's model family (same tokenizer and vocabulary size)."
+                )
         if any(m is teacher for m in pl_module.modules()):
             raise ValueError(
                 "Distillation: the teacher is a submodule of the student, so it would be trained, moved and saved with it. "
@@ -254,13 +293,23 @@ class Distillation(pl.Callback):
         ]
         if self.teacher.training:  # someone called .train() on it
             self.teacher.eval()
+        if self._per_token:  # CausalLM.forward's inputs, by name, to its transformers teacher (no KV cache to build)
+            s_args, s_kwargs = (), bind_forward(student, s_args, s_kwargs).arguments
+            if "use_cache" in forward_signature(self.teacher).parameters:
+                s_kwargs["use_cache"] = False
         try:
             with torch.no_grad():
                 teacher_logits = _logits(self.teacher(*s_args, **s_kwargs), "teacher")
         finally:
             for h in t_handles:
                 h.remove()
-        soft = soft_target_loss(student_logits, teacher_logits, self.temperature)
+        if self._per_token:
+            batch = args[0] if args else kwargs["batch"]
+            total, tokens = token_distillation_loss(student_logits, teacher_logits, batch["labels"], self.temperature, self.beta, "sum")
+            soft, soft_logged = total / pl_module.token_divisor(batch, tokens), total.detach() / tokens
+        else:
+            soft = soft_target_loss(student_logits, teacher_logits, self.temperature, self.beta)
+            soft_logged = soft.detach()
         loss = self.alpha * task + (1.0 - self.alpha) * soft
         batch_size = student_logits.shape[0]
         if self._pairs:
@@ -280,7 +329,7 @@ class Distillation(pl.Callback):
             hidden = torch.stack(matched).mean()
             loss = loss + self.hidden_weight * hidden
             pl_module.log("distill/hidden", hidden.detach(), batch_size=batch_size)
-        pl_module.log("distill/soft", soft.detach(), batch_size=batch_size)
+        pl_module.log("distill/soft", soft_logged, batch_size=batch_size)
         pl_module.log("distill/loss", loss.detach(), batch_size=batch_size)
         if isinstance(out, Mapping):
             return {**out, "loss": loss}

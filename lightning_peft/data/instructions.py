@@ -48,6 +48,15 @@ class EncodedExample:
     def prompt_length(self) -> int:
         return sum(1 for t in self.labels if t == IGNORE_INDEX)
 
+    @property
+    def completion_tokens(self) -> int:
+        """Labels the next-token loss counts: every unmasked one but position 0's, which nothing predicts.
+
+        The same count whether the example is padded into a batch or packed into a row (packing masks each
+        example's first label), so a batch's count is the sum over its examples.
+        """
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+
 
 def load_records(source: str | os.PathLike | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Records from a list of dicts, a ``.jsonl``/``.json`` file or a ``.csv`` file (columns ``prompt``, ``completion``)."""

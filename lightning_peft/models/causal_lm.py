@@ -50,8 +50,15 @@ class CausalLM(pl.LightningModule):
     """A ``transformers`` causal LM (``self.model``) trained on completion tokens only.
 
     ``forward(input_ids, attention_mask=None, position_ids=None) -> logits (B, T, vocab)``. The training
-    loss is the mean over completion tokens; under DDP, over the completion tokens of all ranks' batches
-    (not a mean of per-rank means). Logs ``train/loss`` (per-token mean of each batch), ``val/loss``, and on validation batches that carry
+    loss is the mean over completion tokens of the whole optimizer step: under DDP over all ranks' batches
+    (not a mean of per-rank means), and with ``Trainer(accumulate_grad_batches=k)`` over the k micro-batches
+    of each accumulation window (not a mean of per-micro-batch means, which would weigh a token of a
+    micro-batch with few completion tokens more), as ``transformers``' Trainer does with
+    ``num_items_in_batch``. The window's count comes with each batch as ``window_tokens``
+    (:class:`~lightning_peft.InstructionDataModule` attaches it, see :meth:`token_divisor`); a loader
+    without it gives a per-token mean of each micro-batch. With the
+    :class:`~lightning_peft.Distillation` callback the teacher's and student's next-token distributions are
+    compared on the completion tokens, normalised the same way. Logs ``train/loss`` (per-token mean of each batch), ``val/loss``, and on validation batches that carry
     prompts (see :class:`~lightning_peft.InstructionDataModule`) greedy answers scored by ``val/rougeL``
     and ``val/exact_match``; each validation writes ``samples.jsonl`` and ``samples.md`` (prompt,
     reference, generated) into the trainer's ``default_root_dir`` (the run directory). Only parameters with ``requires_grad`` reach the
@@ -104,13 +111,35 @@ class CausalLM(pl.LightningModule):
         logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         total, tokens = completion_loss(logits, batch["labels"], reduction="sum")
         self.log("train/loss", total.detach() / tokens, prog_bar=True, batch_size=int(tokens))
-        world = self.trainer.world_size
-        if world == 1:
-            return total / tokens
-        # DDP averages gradients over ranks: sum · world / (tokens of all ranks) makes that average the gradient of
-        # the mean over every completion token of the global batch, however unevenly the ranks' tokens fall.
-        everywhere = self.trainer.strategy.reduce(tokens.detach().float(), reduce_op="sum")
-        return total * world / everywhere.clamp_min(1.0)
+        return total / self.token_divisor(batch, tokens)
+
+    def token_divisor(self, batch: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
+        """What this micro-batch's sum over its ``tokens`` completion tokens is divided by to give the loss to return.
+
+        Lightning divides the returned loss by ``k = accumulate_grad_batches`` (also in an epoch's last,
+        shorter window) and DDP averages gradients over ``world`` ranks. With ``batch["window_tokens"]``
+        (the completion tokens of this micro-batch's accumulation window, from
+        :class:`~lightning_peft.data.instruction_datamodule.WindowBatchSampler`) the divisor is
+        ``Σ_ranks window_tokens / (k · world)``, so the accumulated, rank-averaged gradient is the gradient of
+        the mean over every completion token of the window on all ranks. Without it (your own loader) it is
+        ``Σ_ranks tokens / world``: a per-token mean of each micro-batch, which accumulation then averages.
+        Under DDP this all-reduces one scalar; every rank must call it equally often.
+        """
+        trainer = self.trainer
+        window = batch.get("window_tokens")
+        if window is None:
+            count, k = tokens.detach().float(), 1
+        else:
+            count, k = torch.as_tensor(window, device=tokens.device).float(), trainer.accumulate_grad_batches
+            if int(count) < int(tokens):
+                raise ValueError(
+                    f"the batch's window_tokens={int(count)} is less than its own {int(tokens)} completion tokens: whatever "
+                    "attached window_tokens counted different labels. Count labels[:, 1:] != -100 over the accumulation window, "
+                    "or drop window_tokens to average per micro-batch."
+                )
+        if trainer.world_size > 1:
+            count = trainer.strategy.reduce(count, reduce_op="sum")
+        return count.clamp_min(1.0) / (k * trainer.world_size)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, tokens = self._loss(batch)
