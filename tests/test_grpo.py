@@ -1,0 +1,290 @@
+"""GRPO: group advantages and the loss against hand-written formulas, sampling log-probs equal to the training
+forward's, learning a trivially learnable reward, rewards and bad input refused, resume equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from grpo_helpers import RECORDS, word_llama, word_tokenizer, yes_reward
+
+from lightning_peft import GRPO, PEFT, InstructionDataModule, LoRAConfig, group_advantages, grpo_loss, topic_reward
+from lightning_peft.alignment.grpo import Rollout
+from lightning_peft.alignment.rewards import resolve_reward, score_completions
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: a second thread only adds synchronisation (10x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- advantages and loss on fixed numbers ------------------------------------------------------------
+
+
+def test_advantages_are_zero_in_a_group_of_equal_rewards_and_match_a_hand_computation():
+    rewards = torch.tensor([0.3, 0.3, 0.3, 0.3, 0.0, 1.0, 0.0, 0.0])
+    adv = group_advantages(rewards, num_generations=4)
+    assert torch.equal(adv[:4], torch.zeros(4))
+    # group 2: mean 0.25, unbiased std sqrt((0.75² + 3 · 0.25²) / 3) = 0.5
+    expected = torch.tensor([-0.25, 0.75, -0.25, -0.25]) / (0.5 + 1e-4)
+    torch.testing.assert_close(adv[4:], expected)
+    torch.testing.assert_close(group_advantages(rewards, 4, scale_rewards="none")[4:], torch.tensor([-0.25, 0.75, -0.25, -0.25]))
+    batch_std = float(torch.tensor(rewards.tolist()).std())
+    torch.testing.assert_close(
+        group_advantages(rewards, 4, scale_rewards="batch")[4:], torch.tensor([-0.25, 0.75, -0.25, -0.25]) / (batch_std + 1e-4)
+    )
+
+
+def _reference_loss(logps, old, ref, adv, mask, beta, eps):
+    """The GRPO objective written out element by element (DAPO aggregation: sum over tokens / number of tokens)."""
+    total, tokens, clipped = 0.0, 0, 0
+    for i in range(len(logps)):
+        for t in range(len(logps[i])):
+            if not mask[i][t]:
+                continue
+            ratio = math.exp(logps[i][t] - old[i][t])
+            surrogate = min(ratio * adv[i], min(max(ratio, 1 - eps), 1 + eps) * adv[i])
+            kl = math.exp(ref[i][t] - logps[i][t]) - (ref[i][t] - logps[i][t]) - 1
+            total += -surrogate + beta * kl
+            tokens += 1
+            clipped += (ratio < 1 - eps and adv[i] < 0) or (ratio > 1 + eps and adv[i] > 0)
+    return total / tokens, clipped / tokens
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("old_shift", [0.0, 0.5])  # 0.5: ratios up to e^0.5 leave [0.8, 1.2] and clipping binds
+def test_loss_equals_the_formula(beta, old_shift):
+    g = torch.Generator().manual_seed(0)
+    logps = -torch.rand(4, 5, generator=g) * 3
+    old = logps + old_shift * (torch.rand(4, 5, generator=g) * 2 - 1)
+    ref = logps + torch.rand(4, 5, generator=g) - 0.5
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.2])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    loss, stats = grpo_loss(logps, adv, mask, old_logps=old, ref_logps=ref, beta=beta, epsilon=0.2)
+    expected, clip = _reference_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), beta, 0.2)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(stats.clip_fraction) == pytest.approx(clip)
+    assert (clip > 0) == (old_shift > 0)
+    kl = [
+        math.exp(r - lp) - (r - lp) - 1
+        for lr, rr, mr in zip(logps.tolist(), ref.tolist(), mask.tolist())
+        for lp, r, m in zip(lr, rr, mr)
+        if m
+    ]
+    assert float(stats.kl) == pytest.approx(sum(kl) / len(kl) if beta else 0.0, rel=1e-5)
+
+
+def test_on_policy_gradient_is_minus_the_advantage_per_token_plus_the_kl_gradient():
+    logps = (-torch.rand(3, 4)).requires_grad_()
+    ref = logps.detach() - 0.3
+    adv = torch.tensor([2.0, -1.0, 0.0])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    loss, stats = grpo_loss(logps, adv, mask, ref_logps=ref, beta=0.5)  # old_logps=None: ratio 1, nothing clipped
+    loss.backward()
+    # d/dlogp [-A + beta (e^(ref - logp) - (ref - logp) - 1)] = -A + beta (1 - e^(ref - logp)), over 9 tokens
+    expected = (-adv[:, None] + 0.5 * (1 - torch.exp(ref - logps.detach()))) * mask / 9
+    torch.testing.assert_close(logps.grad, expected)
+    assert float(stats.clip_fraction) == 0.0
+
+
+# --- the module on a tiny word-level Llama ------------------------------------------------------------
+
+
+def _module(model=None, reward=yes_reward, **kwargs) -> GRPO:
+    settings = {"num_generations": 8, "max_new_tokens": 4, "optimizer": lambda ps: torch.optim.AdamW(ps, lr=2e-2), **kwargs}
+    return GRPO(model if model is not None else word_llama(), reward=reward, tokenizer=word_tokenizer(), **settings)
+
+
+def _datamodule(**kwargs) -> InstructionDataModule:
+    settings = {
+        "train": RECORDS,
+        "val": RECORDS[:4],
+        "max_length": 32,
+        "batch_size": 4,
+        "generate_size": 4,
+        "train_prompts": True,
+        **kwargs,
+    }
+    return InstructionDataModule(word_tokenizer(), **settings)
+
+
+def _trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "num_sanity_val_steps": 0,
+        **kwargs,
+    }
+    return pl.Trainer(callbacks=list(callbacks), **settings)
+
+
+class StepMetrics(pl.Callback):
+    """``values[key]``: the logged ``key`` after every training step."""
+
+    def __init__(self, *keys: str) -> None:
+        self.values: dict[str, list[float]] = {k: [] for k in keys}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for key, values in self.values.items():
+            values.append(float(trainer.callback_metrics[key]))
+
+
+def test_sampling_log_probs_equal_the_training_forward_under_left_padding():
+    """The distribution sampled from (generate's logits / temperature, KV cache) is the one the loss differentiates."""
+    module = _module(temperature=0.7)
+    module.model.eval()
+    dm = _datamodule()
+    dm.setup("fit")
+    prompts = [RECORDS[0], {"prompt": "red blue cat dog sun sky", "completion": "yes"}]  # lengths differ: left padding
+    from lightning_peft.data.instructions import EncodedExample, pad_examples, prompt_ids
+
+    ids = [prompt_ids(dm.tokenizer, r) for r in prompts]
+    batch = pad_examples([EncodedExample(p, p) for p in ids], 0, side="left")
+    torch.manual_seed(3)
+    out = module.model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        max_new_tokens=5,
+        pad_token_id=0,
+        eos_token_id=2,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    completion = out.sequences[:, batch["input_ids"].shape[1] :]
+    sampled = torch.stack(out.logits, dim=1).div(0.7).log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    keep = torch.ones_like(completion, dtype=torch.bool)
+    for row in range(2):  # through the first EOS
+        eos = (completion[row] == 2).nonzero()
+        if len(eos):
+            keep[row, int(eos[0]) + 1 :] = False
+    rollout = Rollout(
+        out.sequences,
+        torch.cat([batch["attention_mask"], keep.long()], 1),
+        keep,
+        batch["input_ids"].shape[1],
+        torch.zeros(2),
+        torch.zeros(2),
+    )
+    with torch.no_grad():
+        logps = module.completion_logps(rollout)
+    torch.testing.assert_close(logps[keep], sampled[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_lora_grpo_raises_a_learnable_reward_and_trains_only_the_adapter(tmp_path):
+    torch.manual_seed(0)
+    module = _module()
+    base = {n: p.detach().clone() for n, p in module.named_parameters()}
+    record = StepMetrics("train/reward", "train/completion_length")
+
+    trainer = _trainer(
+        tmp_path, [PEFT(LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear")), record], max_steps=16, limit_val_batches=1
+    )
+    trainer.fit(module, datamodule=_datamodule())
+    rewards, lengths = record.values["train/reward"], record.values["train/completion_length"]
+    assert len(rewards) == 16 and all(1 <= n <= 4 for n in lengths)
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert first < 0.2 and last > 0.6, (first, last)  # seed 0: about 0.04 -> 0.85
+    metrics = trainer.callback_metrics
+    for key in ("train/reward_std", "train/kl", "train/clip_fraction", "val/reward", "val/exact_match"):
+        assert key in metrics, key
+    assert float(metrics["train/clip_fraction"]) == 0.0 and float(metrics["train/kl"]) == 0.0  # one pass per sample, beta 0
+    for name, p in module.named_parameters():
+        if name in base:  # every pretrained weight is untouched
+            assert torch.equal(p.detach(), base[name]), name
+
+
+def test_beta_adds_a_kl_to_the_base_model_that_starts_at_zero(tmp_path):
+    kls = {}
+    for beta in (0.0, 1.0):
+        torch.manual_seed(0)
+        module = _module(beta=beta)
+        record = StepMetrics("train/kl")
+
+        trainer = _trainer(
+            tmp_path, [PEFT(LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear")), record], max_steps=8, limit_val_batches=0
+        )
+        trainer.fit(module, datamodule=_datamodule())
+        kls[beta] = record.values["train/kl"]
+    assert kls[0.0] == [0.0] * 8  # beta 0: no reference pass, nothing logged but 0
+    assert kls[1.0][0] == pytest.approx(0.0, abs=1e-6)  # the adapter starts at zero: policy == reference
+    assert all(k >= 0 for k in kls[1.0]) and max(kls[1.0]) > 0
+
+
+# --- rewards and bad input --------------------------------------------------------------------------
+
+
+def test_topic_reward_scores_words_not_strings():
+    completions = ["Sport.", " SPORT ", "sport!", "business", "sport news", "", "Tech"]
+    assert topic_reward(["p"] * 7, completions, ["sport"] * 7) == [1.1, 1.1, 1.1, 0.1, 0.0, 0.0, 0.1]
+    assert topic_reward(["p"], ["cat"], ["cat"], choices=["cat", "dog"], format_bonus=0.0) == [1.0]
+
+
+def test_one_generation_per_prompt_is_refused():
+    with pytest.raises(ValueError, match=r"num_generations must be an integer >= 2, got 1: GRPO's baseline is the mean reward"):
+        _module(num_generations=1)
+    with pytest.raises(ValueError, match=r"num_generations must be >= 2"):
+        group_advantages(torch.ones(4), 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scale_rewards": "std"}, r"scale_rewards must be one of \('group', 'batch', 'none'\), got 'std'"),
+        ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
+        ({"epsilon": 1.5}, r"epsilon must be in \(0, 1\), got 1.5"),
+        ({"reward": "nowhere.reward_fn"}, r"cannot import the reward function 'nowhere.reward_fn'.*lightning_peft.topic_reward"),
+        ({"reward": 3}, r"reward must be a callable \(prompts, completions, references\) -> list\[float\]"),
+    ],
+)
+def test_bad_settings_name_the_problem_and_the_choices(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        _module(**kwargs)
+
+
+def _failing_reward(prompts, completions, references):
+    if any("cat" in p for p in prompts):
+        raise KeyError("no score for cats")
+    return [0.0] * len(prompts)
+
+
+def test_reward_errors_name_the_function_and_the_prompt():
+    prompts, completions = ["red dog", "blue cat", "sun"], ["a", "b", "c"]
+    with pytest.raises(
+        RuntimeError, match=r"reward function test_grpo._failing_reward raised KeyError: 'no score for cats' — on prompt 1 'blue cat'"
+    ):
+        score_completions(_failing_reward, prompts, completions, completions)
+    with pytest.raises(ValueError, match=r"returned 2 rewards for 3 completions"):
+        score_completions(lambda p, c, r: [0.0, 1.0], prompts, completions, completions)
+    with pytest.raises(ValueError, match=r"returned nan for completion 2 'c' of prompt 'sun': rewards must be finite"):
+        score_completions(lambda p, c, r: [0.0, 1.0, float("nan")], prompts, completions, completions)
+    with pytest.raises(ValueError, match=r"returned inf for completion 0"):
+        score_completions(lambda p, c, r: torch.tensor([math.inf, 0.0, 0.0]), prompts, completions, completions)
+    with pytest.raises(TypeError, match=r"must return a list of numbers"):
+        score_completions(lambda p, c, r: ["good", "bad", "ugly"], prompts, completions, completions)
+    assert resolve_reward("grpo_helpers.yes_reward") is yes_reward
+
+
+def test_a_failing_reward_stops_training_naming_it(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match=r"reward function test_grpo._failing_reward raised KeyError.*on prompt \d+ '.*cat"):
+        trainer.fit(_module(reward=_failing_reward), datamodule=_datamodule(train=[{"prompt": "cat dog", "completion": "yes"}] * 4))
+
+
+def test_training_batches_without_prompts_and_kl_without_adapter_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"GRPO's training batches need \['prompt_ids', 'prompt_mask', 'references'\].*train_prompts=True"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(_module(), datamodule=_datamodule(train_prompts=False))
+    with pytest.raises(ValueError, match=r"beta > 0 needs an adapter"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(_module(beta=0.1), datamodule=_datamodule())
