@@ -288,3 +288,65 @@ def test_training_batches_without_prompts_and_kl_without_adapter_are_refused(tmp
         _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(_module(), datamodule=_datamodule(train_prompts=False))
     with pytest.raises(ValueError, match=r"beta > 0 needs an adapter"):
         _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(_module(beta=0.1), datamodule=_datamodule())
+
+
+# --- Hydra: the experiment config, adapter-only checkpoints and resume -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def word_llama_dir(tmp_path_factory) -> tuple[str, str]:
+    """(model folder, records .jsonl) of the word-level tiny Llama, for ``train(cfg)``."""
+    import json
+
+    from grpo_helpers import save_word_llama
+
+    root = tmp_path_factory.mktemp("word-llama")
+    records = root / "records.jsonl"
+    records.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    return save_word_llama(root / "model"), str(records)
+
+
+def _grpo_run(compose, out, model_dir: str, records: str, *extra: str) -> dict:
+    import csv
+
+    from omegaconf import open_dict
+
+    from conftest import tiny_llm_overrides
+    from lightning_peft.cli.train import train
+
+    keep = ("data.train_size", "data.batch_size", "trainer.max_steps", "callbacks.", "model.max_new_tokens")
+    overrides = [o for o in tiny_llm_overrides(model_dir, records) if not o.startswith(keep)] + [
+        "experiment=smollm2_grpo", "peft=lora", "peft.lr=2e-2", "model.num_generations=4", "model.max_new_tokens=3",
+        "model.reward._target_=grpo_helpers.yes_reward", "data.max_length=32", "data.train_size=8", "data.batch_size=4",
+        "data.val_size=4", "trainer.max_epochs=2", "trainer.max_steps=-1", "trainer.log_every_n_steps=1",
+        "callbacks.progress_bar=null", "callbacks.parameter_summary=null", "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1", "~logger.tensorboard", *extra,
+    ]  # fmt: skip
+    cfg = compose(*overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    metrics = train(cfg)
+    with open(out / "csv" / "metrics.csv") as f:
+        steps = {int(r["step"]): (float(r["train/loss"]), float(r["train/reward"])) for r in csv.DictReader(f) if r.get("train/loss")}
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return {"metrics": metrics, "steps": steps, "state": state["state_dict"], "step": state["global_step"]}
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_adapter_only_checkpoint_and_resume_equal_the_uninterrupted_run(compose, tmp_path, word_llama_dir):
+    a = _grpo_run(compose, tmp_path / "a", *word_llama_dir)
+    mid = tmp_path / "a" / "checkpoints" / "epoch00-step000002.ckpt"
+    saved = torch.load(mid, map_location="cpu", weights_only=True)  # plain containers: the reward is kept by name
+    assert saved["hyper_parameters"]["reward"] == "grpo_helpers.yes_reward"
+    assert not any(k.startswith("model.model.embed_tokens") for k in saved["state_dict"])  # adapter-only
+    assert any("lora" in k or "adapters" in k for k in saved["state_dict"])
+
+    b = _grpo_run(compose, tmp_path / "b", *word_llama_dir, f"ckpt_path={mid}")
+
+    assert a["step"] == b["step"] == 4
+    assert sorted(b["steps"]) == [2, 3] and {s: a["steps"][s] for s in (2, 3)} == b["steps"]  # same samples, rewards, losses
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
+    assert any(not torch.equal(saved["state_dict"][k], b["state"][k]) for k in saved["state_dict"])  # epoch 1 trained
+    assert b["metrics"]["val/reward"] == a["metrics"]["val/reward"]
