@@ -10,7 +10,7 @@ import pytest
 import torch
 from grpo_helpers import RECORDS, word_llama, word_tokenizer, yes_reward
 
-from lightning_peft import GRPO, PEFT, InstructionDataModule, LoRAConfig, group_advantages, grpo_loss, topic_reward
+from lightning_peft import GRPO, PEFT, InstructionDataModule, LoRAConfig, disable_adapters, group_advantages, grpo_loss, topic_reward
 from lightning_peft.alignment.grpo import Rollout
 from lightning_peft.alignment.rewards import resolve_reward, score_completions
 
@@ -350,3 +350,62 @@ def test_adapter_only_checkpoint_and_resume_equal_the_uninterrupted_run(compose,
         assert torch.equal(a["state"][key], b["state"][key]), key
     assert any(not torch.equal(saved["state_dict"][k], b["state"][k]) for k in saved["state_dict"])  # epoch 1 trained
     assert b["metrics"]["val/reward"] == a["metrics"]["val/reward"]
+
+
+# --- DDP ----------------------------------------------------------------------------------------------
+
+
+def test_ddp_ranks_agree_and_equal_one_process_replaying_both_ranks_rollouts(tmp_path):
+    """2 ranks, 2 steps: identical adapters on both ranks, equal to SGD on Σ_ranks Σ_tokens loss / all ranks' tokens."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ddp_grpo_worker import LORA, LR, SETTINGS
+
+    from conftest import REPO
+    from lightning_peft import inject
+    from lightning_peft.alignment.grpo import Rollout
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    }
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_grpo_worker.py"), str(tmp_path)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for key in ("start", "end"):
+        assert ranks[0][key].keys() == ranks[1][key].keys()
+        for name in ranks[0][key]:
+            assert torch.equal(ranks[0][key][name], ranks[1][key][name]), (key, name)
+    assert not torch.equal(ranks[0]["rollouts"][0]["input_ids"], ranks[1]["rollouts"][0]["input_ids"])  # own prompts
+
+    module = _module(word_llama(), **SETTINGS)
+    inject(module, LORA)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in ranks[0]["start"].items():
+            params[name].copy_(value)
+    for step in range(2):
+        rollouts = [Rollout(**rank["rollouts"][step]) for rank in ranks]
+        tokens = sum(r.completion_mask.sum() for r in rollouts)
+        module.zero_grad()
+        for rollout in rollouts:
+            with torch.no_grad(), disable_adapters(module.model):
+                ref = module.completion_logps(rollout)
+            loss, _ = grpo_loss(module.completion_logps(rollout), rollout.advantages, rollout.completion_mask, ref_logps=ref,
+                                beta=SETTINGS["beta"], normalizer=tokens)  # fmt: skip
+            loss.backward()
+        with torch.no_grad():
+            for name in ranks[0]["end"]:
+                params[name] -= LR * params[name].grad
+    moved = 0
+    for name, value in ranks[0]["end"].items():
+        torch.testing.assert_close(params[name].detach(), value, rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(value, ranks[0]["start"][name])
+    assert moved > 0
