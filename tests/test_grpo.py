@@ -409,3 +409,22 @@ def test_ddp_ranks_agree_and_equal_one_process_replaying_both_ranks_rollouts(tmp
         torch.testing.assert_close(params[name].detach(), value, rtol=1e-5, atol=1e-6, msg=name)
         moved += not torch.equal(value, ranks[0]["start"][name])
     assert moved > 0
+
+
+def test_sft_adapter_is_merged_so_grpo_starts_from_the_sft_model(tmp_path):
+    from lightning_peft import inject, list_adapters, save_adapter
+
+    sft = word_llama()
+    inject(sft, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)  # an adapter that changes the outputs
+    save_adapter(sft, tmp_path / "sft")
+    ids = torch.tensor([[1, 6, 8, 2, 25]])
+    module = _module(word_llama(), sft_adapter=tmp_path / "sft")
+    assert list_adapters(module.model) == []  # merged: disabling GRPO's adapter later gives the SFT model back
+    assert all(p.requires_grad for p in module.model.parameters())  # as before loading (full fine-tuning possible)
+    with torch.no_grad():
+        torch.testing.assert_close(module(ids), sft(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(module(ids), word_llama()(input_ids=ids).logits, atol=1e-3)
