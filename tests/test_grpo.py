@@ -417,7 +417,7 @@ def test_sft_adapter_is_merged_so_grpo_starts_from_the_sft_model(tmp_path):
     sft = word_llama()
     inject(sft, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
     with torch.no_grad():
-        for name, p in sft.named_parameters():
+        for p in sft.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)  # an adapter that changes the outputs
     save_adapter(sft, tmp_path / "sft")
