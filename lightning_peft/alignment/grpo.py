@@ -231,7 +231,7 @@ class GRPO(CausalLM):
         labels = rollout.input_ids[:, p - 1 :].clone()
         labels[:, 0] = IGNORE_INDEX
         labels[:, 1:][~rollout.completion_mask] = IGNORE_INDEX
-        logps, _ = token_logprobs(logits / self.temperature, labels)
+        logps, _ = token_logprobs(logits.float() / self.temperature, labels)
         return logps
 
     def policy_loss(self, rollout: Rollout) -> torch.Tensor:
