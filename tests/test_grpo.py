@@ -3,6 +3,7 @@ forward's, learning a trivially learnable reward, rewards and bad input refused,
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning.pytorch as pl
@@ -201,6 +202,10 @@ def test_lora_grpo_raises_a_learnable_reward_and_trains_only_the_adapter(tmp_pat
     for key in ("train/reward_std", "train/kl", "train/clip_fraction", "val/reward", "val/exact_match"):
         assert key in metrics, key
     assert float(metrics["train/clip_fraction"]) == 0.0 and float(metrics["train/kl"]) == 0.0  # one pass per sample, beta 0
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4  # val/reward is the reward of the greedy answers written there
+    answers = [s["generated"] for s in samples]
+    assert float(metrics["val/reward"]) == pytest.approx(sum(yes_reward([], answers, [])) / 4)
     for name, p in module.named_parameters():
         if name in base:  # every pretrained weight is untouched
             assert torch.equal(p.detach(), base[name]), name

@@ -71,7 +71,8 @@ class GRPO(CausalLM):
     rewards into advantages within each prompt's group (:func:`~lightning_peft.alignment.grpo_loss.group_advantages`)
     and minimises the clipped token-level surrogate plus ``beta`` × k3 KL to the reference
     (:func:`~lightning_peft.alignment.grpo_loss.grpo_loss`), aggregated as TRL's default ``"dapo"``: one mean over
-    every completion token of the batch (of all ranks under DDP). Log-probabilities are those of
+    every completion token of the batch (of all ranks under DDP; under gradient accumulation each micro-batch's
+    mean weighs equally, as in :class:`~lightning_peft.CausalLM`). Log-probabilities are those of
     ``logits / temperature``, the distribution sampled from. With one optimisation pass per sampled batch the
     sampling-time log-probabilities equal the current ones, so they are taken from the same forward (TRL's
     shortcut): the ratio is 1, the clipped form is kept and its clip fraction logged. The reference is the
