@@ -428,6 +428,7 @@ def test_sft_adapter_is_merged_so_grpo_starts_from_the_sft_model(tmp_path):
     save_adapter(sft, tmp_path / "sft")
     ids = torch.tensor([[1, 6, 8, 2, 25]])
     module = _module(word_llama(), sft_adapter=tmp_path / "sft")
+    assert module.hparams["sft_adapter"] == str(tmp_path / "sft")  # a plain string in checkpoints
     assert list_adapters(module.model) == []  # merged: disabling GRPO's adapter later gives the SFT model back
     assert all(p.requires_grad for p in module.model.parameters())  # as before loading (full fine-tuning possible)
     with torch.no_grad():

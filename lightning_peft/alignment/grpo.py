@@ -145,6 +145,7 @@ class GRPO(CausalLM):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "name_or_path", "tokenizer", "reward"])
         self.hparams["reward"] = reward_name(self.reward_fn)
         if sft_adapter is not None:
+            self.hparams["sft_adapter"] = str(sft_adapter)  # a Path would not load with weights_only=True
             self._merge_sft_adapter(str(sft_adapter))
 
     def _merge_sft_adapter(self, path: str) -> None:
