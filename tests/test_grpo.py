@@ -199,7 +199,7 @@ def test_lora_grpo_raises_a_learnable_reward_and_trains_only_the_adapter(tmp_pat
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert first < 0.2 and last > 0.6, (first, last)  # seed 0: about 0.04 -> 0.85
     metrics = trainer.callback_metrics
-    for key in ("train/reward_std", "train/kl", "train/clip_fraction", "val/reward", "val/exact_match"):
+    for key in ("train/reward_std", "train/zero_std_fraction", "train/kl", "train/clip_fraction", "val/reward", "val/exact_match"):
         assert key in metrics, key
     assert float(metrics["train/clip_fraction"]) == 0.0 and float(metrics["train/kl"]) == 0.0  # one pass per sample, beta 0
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]

@@ -80,7 +80,8 @@ class GRPO(CausalLM):
 
     Training batches need ``prompt_ids``, ``prompt_mask`` and ``references``:
     ``InstructionDataModule(..., train_prompts=True)``. Logged per step: ``train/reward``, ``train/reward_std``
-    (mean within-group std), ``train/completion_length`` (tokens), ``train/kl``, ``train/clip_fraction``,
+    (mean within-group std), ``train/zero_std_fraction`` (groups with equal rewards: no learning signal),
+    ``train/completion_length`` (tokens), ``train/kl``, ``train/clip_fraction``,
     ``train/loss``. Validation adds ``val/reward`` (of the greedy answers) to :class:`~lightning_peft.CausalLM`'s
     ``val/loss``, ``val/rougeL`` and ``val/exact_match``.
 
@@ -262,6 +263,7 @@ class GRPO(CausalLM):
         logged = {
             "reward": rollout.rewards.mean(),
             "reward_std": groups.std(dim=1).mean(),
+            "zero_std_fraction": (groups.std(dim=1) == 0).float().mean(),
             "completion_length": mask.sum(1).float().mean(),
             "kl": stats.kl,
             "clip_fraction": stats.clip_fraction,
