@@ -5,6 +5,9 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
     trainer = Trainer(callbacks=[FreezeBackbone(), ParameterSummary()])
 """
 
+from .alignment.grpo import GRPO
+from .alignment.grpo_loss import group_advantages, grpo_loss
+from .alignment.rewards import topic_reward
 from .callbacks import (
     L2SP,
     PEFT,
@@ -166,6 +169,11 @@ __all__ = [
     "TextClassifier",
     "load_image_dataset",
     "load_text_dataset",
+    # alignment after SFT: GRPO on the adapter, its rewards and loss
+    "GRPO",
+    "group_advantages",
+    "grpo_loss",
+    "topic_reward",
     # building blocks: how a model is seen, features, losses, schedules, distributed, loading
     "FSDPBlockPolicy",
     "FeaturePoint",

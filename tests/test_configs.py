@@ -29,7 +29,8 @@ GROUPS = ["model", "data", "finetune", "peft", "trainer", "callbacks", "logger",
 # Choices of the vision task: composed with the vision model and data (tiny overrides), not the text ones.
 VISION_CHOICES = {("model", "efficientnet_lite0"), ("data", "mnist5k"), ("experiment", "mnist_lite0")}
 # Choices of the causal-LM task: composed with the tiny Llama and a small record file.
-LLM_CHOICES = {("model", "smollm2"), ("data", "instructions"), ("experiment", "smollm2_headlines"), ("experiment", "smollm2_topics")}
+LLM_CHOICES = {("model", "smollm2"), ("data", "instructions"), ("experiment", "smollm2_headlines"), ("experiment", "smollm2_topics"),
+               ("experiment", "smollm2_grpo")}
 
 
 def _choices(group: str) -> list[str]:

@@ -124,6 +124,8 @@ class InstructionDataModule(pl.LightningDataModule):
         train_size / val_size: keep only this many examples, for quick runs.
         generate_size: validation examples whose answers are generated and scored (0: none).
         shuffle: reshuffle the training examples every epoch.
+        train_prompts: also give training batches ``prompt_ids``/``prompt_mask``/``references``, for methods
+            that generate during training (:class:`~lightning_peft.GRPO`).
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class InstructionDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
         shuffle: bool = True,
+        train_prompts: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("train_size", train_size), ("val_size", val_size)):
@@ -156,6 +159,7 @@ class InstructionDataModule(pl.LightningDataModule):
         self.template, self.system_prompt, self.packing = template, system_prompt, packing
         self.val_fraction, self.train_size, self.val_size = val_fraction, train_size, val_size
         self.generate_size, self.split_seed, self.num_workers, self.shuffle = generate_size, split_seed, num_workers, shuffle
+        self.train_prompts = train_prompts
         self.tokenizer: Any = None
         self.train_records: list[dict[str, Any]] = []
         self.val_records: list[dict[str, Any]] = []
@@ -185,8 +189,18 @@ class InstructionDataModule(pl.LightningDataModule):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.train_records, self.val_records = self._records()
-        encode = partial(encode_records, self.tokenizer, max_length=self.max_length, template=self.template, system_prompt=self.system_prompt)
+        encode = partial(
+            encode_records, self.tokenizer, max_length=self.max_length, template=self.template, system_prompt=self.system_prompt
+        )
         self._train = encode(self.train_records)
+        self._train_prompts = (
+            [
+                (prompt_ids(self.tokenizer, r, self.template, self.system_prompt, i)[-self.max_length :], self._reference(r))
+                for i, r in enumerate(self.train_records)
+            ]
+            if self.train_prompts
+            else []
+        )
         val = encode(self.val_records)
         gen = [
             (prompt_ids(self.tokenizer, r, self.template, self.system_prompt, i)[-self.max_length :], self._reference(r))
@@ -207,7 +221,10 @@ class InstructionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches that also carry ``window_tokens``, the completion tokens of their accumulation window (:class:`WindowBatchSampler`)."""
-        items = _Examples([(e, None, None) for e in self._train])
+        if self.train_prompts:  # the prompts ride along, left-padded, for generation during training
+            items = _Examples([(e, *g) for e, g in zip(self._train, self._train_prompts)])
+        else:
+            items = _Examples([(e, None, None) for e in self._train])
         trainer = self.trainer  # None outside a Trainer: every batch is its own window
         batches = WindowBatchSampler(
             RandomSampler(items) if self.shuffle else SequentialSampler(items), self.batch_size, drop_last=False,
