@@ -5,6 +5,9 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
     trainer = Trainer(callbacks=[FreezeBackbone(), ParameterSummary()])
 """
 
+from .alignment.dpo import DPO
+from .alignment.dpo_loss import dpo_loss
+from .alignment.preference_datamodule import PreferenceDataModule
 from .callbacks import (
     L2SP,
     PEFT,
@@ -163,6 +166,10 @@ __all__ = [
     "TextClassifier",
     "load_image_dataset",
     "load_text_dataset",
+    # alignment after SFT: preference tuning
+    "DPO",
+    "PreferenceDataModule",
+    "dpo_loss",
     # building blocks: how a model is seen, features, losses, schedules, distributed, loading
     "FSDPBlockPolicy",
     "FeaturePoint",
