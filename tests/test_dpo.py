@@ -393,3 +393,33 @@ def test_make_dpo_pairs_caches_by_the_fingerprint_of_the_model_that_answered(tmp
     dm = PreferenceDataModule(tiny_llama_dir, train=str(out), val=str(out), max_length=64)
     dm.setup("fit")  # the file is valid DPO data
     assert len(dm.train_records) == other["pairs"]
+
+
+# --- DDP ----------------------------------------------------------------------------------------
+
+def test_two_ddp_ranks_stay_identical_and_give_the_step_of_the_one_large_batch(tmp_path):
+    """2 ranks with 1 and 3 pairs == 1 process with 4 pairs: the loss is a mean over all pairs, not a mean of rank means."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from ddp_dpo_worker import one_step
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_dpo_worker.py"), str(tmp_path)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    _, single = one_step(devices=1)
+    trained = {n: p.detach() for n, p in single.named_parameters() if p.requires_grad}
+    assert ranks[0].keys() == ranks[1].keys() == trained.keys() and any(n.endswith(".lora_A") for n in trained)
+    for name, value in trained.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # the ranks never diverge
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)  # lr 1: rounding noise ~1e-6
