@@ -307,10 +307,12 @@ def test_hydra_dpo_run_resumes_from_an_adapter_only_checkpoint_to_the_same_weigh
     overrides = [
         o
         for o in tiny_dpo_overrides(tiny_llama_dir, preferences_jsonl)
-        if not o.startswith(("callbacks.model_checkpoint", "trainer.max_steps"))
+        if not o.startswith(("callbacks.model_checkpoint", "trainer.max_steps", "data.train_size", "data.val_size"))
     ]
     overrides += [
         "experiment=smollm2_dpo",
+        "data.train_size=8",  # 2 steps of 4 pairs per epoch
+        "data.val_size=4",
         "peft=lora",
         "peft.target_modules=all-linear",
         "peft.lr=1e-2",
@@ -332,11 +334,11 @@ def test_hydra_dpo_run_resumes_from_an_adapter_only_checkpoint_to_the_same_weigh
         return {"metrics": metrics, "state": state["state_dict"], "step": state["global_step"]}
 
     a = run(tmp_path / "a")
-    mid = tmp_path / "a" / "checkpoints" / "epoch00-step000004.ckpt"
+    mid = tmp_path / "a" / "checkpoints" / "epoch00-step000002.ckpt"
     saved = torch.load(mid, map_location="cpu", weights_only=True)["state_dict"]
     assert saved and all(".adapters." in k or k.startswith("__lightning_peft__") for k in saved), sorted(saved)[:5]  # adapter-only
     b = run(tmp_path / "b", f"ckpt_path={mid}")
-    assert a["step"] == b["step"] == 8 and a["state"].keys() == b["state"].keys()
+    assert a["step"] == b["step"] == 4 and a["state"].keys() == b["state"].keys()
     for key in a["state"]:
         assert torch.equal(a["state"][key], b["state"][key]), key
     assert any(not torch.equal(saved[k], b["state"][k]) for k in saved if ".adapters." in k)  # epoch 1 trained
