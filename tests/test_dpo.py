@@ -222,6 +222,25 @@ def test_reference_with_adapters_disabled_equals_a_frozen_copy_of_the_base(token
     torch.testing.assert_close(full.reference_token_logps(batch), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["ia3", "prompt_tuning", "prefix_tuning"])
+def test_adapter_disabled_reference_is_the_base_model_for_other_methods(tokenizer, method):
+    from tiny_models import randomize
+
+    from lightning_peft import IA3Config, PrefixTuningConfig, PromptTuningConfig
+
+    config = {"ia3": IA3Config, "prompt_tuning": lambda: PromptTuningConfig(num_virtual_tokens=4), "prefix_tuning": lambda: PrefixTuningConfig(num_virtual_tokens=4)}[method]()
+    module = DPO(tiny_llama(seed=4), tokenizer=tokenizer)
+    inject(module, config)
+    randomize(module, std=0.3)
+    module.setup("fit")
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        expected, _ = token_logprobs(tiny_llama(seed=4).eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    torch.testing.assert_close(module.reference_token_logps(batch), expected, rtol=0, atol=1e-6)
+    _, stats = module.pair_loss(batch)
+    assert stats["kl"] > 0  # the method changes the policy
+
+
 def test_precomputed_reference_logps_give_the_loss_of_the_live_reference(tokenizer):
     from tiny_models import randomize
 

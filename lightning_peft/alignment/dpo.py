@@ -51,10 +51,12 @@ class DPO(CausalLM):
     The reference (``reference=``):
 
     - ``adapters``: the same network with its adapters disabled, no gradients, eval mode -- no second model.
-      The reference is then the base model *without any adapter*: to start DPO from an SFT adapter, merge it
-      first (:func:`~lightning_peft.merge_and_unload`) or precompute the reference log-probs.
+      The reference is then the base model *without any adapter*: to start DPO from an SFT adapter, use
+      ``copy`` (the copy holds the SFT adapter), merge it first (:func:`~lightning_peft.merge_and_unload`) and
+      train a new one, or precompute the reference log-probs.
     - ``copy``: a frozen deep copy of the model taken at ``setup`` (before a resumed checkpoint is loaded, so it
-      is the starting policy), kept out of the state dict and checkpoints; doubles the weights' memory.
+      is the starting policy, adapters included), kept out of the state dict and checkpoints; doubles the
+      weights' memory.
     - ``precomputed``: ``ref_chosen_logps``/``ref_rejected_logps`` carried by the records (sums over each
       completion's tokens, EOS included, as :func:`token_logprobs` gives on the datamodule's rows).
     - ``auto`` (default), resolved at ``setup``: ``precomputed`` if the datamodule's records carry them, else
