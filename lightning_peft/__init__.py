@@ -5,8 +5,11 @@ Add the callbacks to an existing ``Trainer`` without touching your LightningModu
     trainer = Trainer(callbacks=[FreezeBackbone(), ParameterSummary()])
 """
 
+from .alignment.dpo import DPO
+from .alignment.dpo_loss import dpo_loss
 from .alignment.grpo import GRPO
 from .alignment.grpo_loss import group_advantages, grpo_loss
+from .alignment.preference_datamodule import PreferenceDataModule
 from .alignment.rewards import topic_reward
 from .callbacks import (
     L2SP,
@@ -169,7 +172,10 @@ __all__ = [
     "TextClassifier",
     "load_image_dataset",
     "load_text_dataset",
-    # alignment after SFT: GRPO on the adapter, its rewards and loss
+    # alignment after SFT: preference tuning (DPO) and GRPO on the adapter, its rewards and losses
+    "DPO",
+    "PreferenceDataModule",
+    "dpo_loss",
     "GRPO",
     "group_advantages",
     "grpo_loss",

@@ -67,6 +67,18 @@ def instructions_jsonl(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def preferences_jsonl(tmp_path_factory) -> str:
+    """40 short {prompt, chosen, rejected} pairs in a .jsonl file: the answer the prompt asks for is preferred."""
+    import json
+
+    path = tmp_path_factory.mktemp("preferences") / "pairs.jsonl"
+    rows = [{"prompt": f"Say {w} to question {i}.", "chosen": w, "rejected": "no" if w == "yes" else "yes"}
+            for i in range(20) for w in ("yes", "no")]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
 @pytest.fixture
 def compose(tmp_path):
     """compose(*overrides) -> the train config, run directory set to a temporary folder."""
@@ -117,6 +129,26 @@ def tiny_llm_overrides(model_dir: str, records: str) -> list[str]:
         "data.max_length=48",
         "data.batch_size=4",
         "data.generate_size=4",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint=null",
+        "callbacks.progress_bar=null",
+    ]
+
+
+def tiny_dpo_overrides(model_dir: str, pairs: str) -> list[str]:
+    """Overrides that make the DPO job run in seconds on the tiny Llama and a small pair file."""
+    return [
+        "model=smollm2_dpo",
+        "data=preferences",
+        f"model.name_or_path={model_dir}",
+        "model.max_new_tokens=4",
+        f"data.train={pairs}",
+        "data.train_size=16",
+        "data.val_size=8",
+        "data.max_length=32",
+        "data.batch_size=4",
+        "data.generate_size=0",
         "trainer.max_steps=2",
         "trainer.log_every_n_steps=1",
         "callbacks.model_checkpoint=null",

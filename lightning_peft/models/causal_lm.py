@@ -144,6 +144,10 @@ class CausalLM(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, tokens = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=int(tokens))
+        self._score_generations(batch)
+
+    def _score_generations(self, batch: dict[str, Any]) -> None:
+        """Greedy answers to the batch's prompts (when it carries them), scored against its references."""
         if "prompt_ids" in batch and self.tokenizer is not None:
             answers = self.generate(batch["prompt_ids"], batch["prompt_mask"])
             prompts = self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
