@@ -16,9 +16,10 @@ from .preference_data import EncodedPair, as_sft_record, collate_pairs, encode_p
 __all__ = ["PreferenceDataModule"]
 
 
-def _collate(items: list[tuple[EncodedPair, list[int] | None, str | None]], pad_id: int) -> dict[str, Any]:
-    batch: dict[str, Any] = collate_pairs([pair for pair, _, _ in items], pad_id)
-    gen = [(p, r) for _, p, r in items if p is not None]
+def _collate(items: list[tuple[EncodedPair, list[int] | None, str | None, int | None]], pad_id: int) -> dict[str, Any]:
+    """Items as the instruction data's ``_Examples`` gives them: ``(pair, prompt_ids, reference, window_tokens)``."""
+    batch: dict[str, Any] = collate_pairs([item[0] for item in items], pad_id)
+    gen = [(item[1], item[2]) for item in items if item[1] is not None]
     if gen:  # validation: the prompts alone, left-padded, and the chosen answers as references (CausalLM scores them)
         prompts = pad_examples([EncodedExample(p, p) for p, _ in gen], pad_id, side="left")
         batch["prompt_ids"], batch["prompt_mask"] = prompts["input_ids"], prompts["attention_mask"]
@@ -127,3 +128,7 @@ class PreferenceDataModule(InstructionDataModule):
     def _loader(self, items: list[Any], shuffle: bool, packing: bool = False) -> DataLoader:
         collate = partial(_collate, pad_id=self.tokenizer.pad_token_id)
         return DataLoader(_Examples(items), batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        """Pairs in (shuffled) batches; the DPO loss is a mean over pairs, so no token windows are attached."""
+        return self._loader([(e, None, None) for e in self._train], shuffle=self.shuffle)
