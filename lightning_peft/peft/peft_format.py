@@ -102,6 +102,8 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
             if adapter_name not in layer.adapters:
                 continue
             adapter = layer.adapters[adapter_name]
+            form = getattr(adapter, "inference_form", None)  # PiSSA / OLoRA: the plain LoRA of the original base
+            adapter = form() if layer.method == "lora" and callable(form) else adapter
             rel = _relative(name, root)
             out = tensors if rel is not None else extra
             key = PEFT_PREFIX + (rel if rel is not None else name)
@@ -130,7 +132,7 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": config.bias, "modules_to_save": saved or None, "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "init_lora_weights": True, "use_dora": config.use_dora, "layers_to_transform": None, "layers_pattern": None,
         "revision": None, "exclude_modules": None,
     }
     import safetensors.torch as st
@@ -162,9 +164,9 @@ def _check_manifest(folder: Path) -> None:
                          "exports or holds a damaged file. Export the adapter again, or copy all files of one export.")
 
 
-_UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens")
+_UNSUPPORTED = ("lora_bias", "target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens")
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-             ".base_layer.bias": "bias", ".base_layer.weight": "base_weight"}
+             ".base_layer.bias": "bias", ".base_layer.weight": "base_weight", ".lora_magnitude_vector": "magnitude"}
 
 
 def _pattern(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -191,8 +193,9 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     """Add a LoRA adapter saved by Hugging Face PEFT (or :func:`export_peft`) to ``model``; returns its name.
 
     The modules to wrap come from the tensor file's keys, ranks from the tensor shapes and scaling
-    from ``adapter_config.json``. Options PEFT has and we do not (DoRA, LoRA bias, target
-    parameters, trainable tokens) are an error, never ignored. Full embedding weights PEFT saves
+    from ``adapter_config.json``; DoRA adapters (``use_dora``, ``lora_magnitude_vector``) are read as
+    such. Options PEFT has and we do not (LoRA bias, target parameters, trainable tokens) are an
+    error, never ignored. Full embedding weights PEFT saves
     beside an embedding LoRA (``save_embedding_layers``) must equal the model's.
     """
     path = resolve_folder(Path(path))
@@ -267,6 +270,11 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
                 "dropout": float(cfg.get("lora_dropout") or 0.0), "rslora": bool(cfg.get("use_rslora")), "init": "kaiming",
                 "adapter_dtype": "float32", "bias": "bias" in parts,
             }
+            if "magnitude" in parts:  # DoRA
+                spec["dora"] = True
+                ours[f"{module}.lora_magnitude_vector"] = parts["magnitude"]
+            elif cfg.get("use_dora"):
+                raise ValueError(f"{path}: use_dora is set but {module!r} has no lora_magnitude_vector (an incomplete DoRA adapter)")
             sites.append(Site(module, "lora", spec))
             ours[f"{module}.lora_A"], ours[f"{module}.lora_B"] = parts["A"], parts["B"]
             if "bias" in parts:
@@ -280,7 +288,7 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
             ours.update({k: v for k, v in rest.items() if k.startswith(module + ".")})
     config = LoRAConfig(
         r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout") or 0.0),
-        use_rslora=bool(cfg.get("use_rslora")), bias=cfg.get("bias") or "none",
+        use_rslora=bool(cfg.get("use_rslora")), bias=cfg.get("bias") or "none", use_dora=bool(cfg.get("use_dora")),
         target_modules=[s.module for s in sites if s.layer == "lora"], modules_to_save=list(saved_modules) or None,
     )
     install(model, adapter_name, config, sites, ours, str(path))

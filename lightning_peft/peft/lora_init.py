@@ -1,0 +1,54 @@
+"""LoRA initialisations that start from the base weight and change it: PiSSA and OLoRA (as Hugging Face PEFT computes them).
+
+Both put a rank-r part of W into the adapter and leave the residual in the base, so the model is
+unchanged at init: ``W = W_res + s·B₀·A₀``.
+
+- PiSSA (Meng et al. 2024): the top-r singular triplets, ``A₀ = diag(√(S_r/s))·U_rᵀ``-side and
+  ``B₀ = V_r·diag(√(S_r/s))`` (PEFT's names); ``pissa_niter_<n>`` uses torch's randomized
+  ``svd_lowrank`` with n subspace iterations instead of a full SVD (much faster on large layers).
+- OLoRA (Büyükakyüz 2024): a QR decomposition ``W = Q·R``, ``B₀ = Q[:, :r]``, ``A₀ = R[:r]``.
+
+Because the base changes, an adapter trained from these inits only reproduces the trained model on
+the *residual* base. :class:`~lightning_peft.peft.lora.LoRA` keeps ``A₀``, ``B₀`` (buffers) and saves the
+adapter converted to a plain rank-2r LoRA ``[A; A₀]``, ``[B, -B₀]`` that applies to the original base
+(PEFT's ``path_initial_model_for_weight_conversion``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["BASE_CHANGING_INITS", "base_changing", "decompose", "parse_init"]
+
+BASE_CHANGING_INITS = ("pissa", "pissa_niter_<n>", "olora")
+_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def parse_init(init: str) -> tuple[str, int | None]:
+    """``"pissa_niter_4"`` -> ``("pissa", 4)``; ``"pissa"`` -> ``("pissa", None)``; others unchanged."""
+    match = _NITER.fullmatch(init)
+    return ("pissa", int(match.group(1))) if match else (init, None)
+
+
+def base_changing(init: str) -> bool:
+    """Whether ``init`` moves part of the base weight into the adapter (PiSSA, OLoRA)."""
+    return parse_init(init)[0] in ("pissa", "olora")
+
+
+def decompose(weight: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A₀ (r, in), B₀ (out, r)) in fp32 for an (out, in) weight, such that ``s·B₀·A₀`` is its rank-r part."""
+    weight = weight.detach().float()
+    kind, niter = parse_init(init)
+    if kind == "olora":
+        q, rr = torch.linalg.qr(weight)
+        return rr[:r].contiguous(), q[:, :r].contiguous()
+    if niter is None:
+        v, s, uh = torch.linalg.svd(weight, full_matrices=False)
+        vr, sr, uhr = v[:, :r], s[:r] / scale, uh[:r]
+    else:
+        vr, sr, ur = torch.svd_lowrank(weight, r, niter=niter)
+        sr, uhr = sr / scale, ur.t()
+    root = torch.diag(torch.sqrt(sr))
+    return root @ uhr, vr @ root
