@@ -153,3 +153,77 @@ def test_dora_peft_files_both_ways(tmp_path, make, targets):
     load_adapter(again, tmp_path / "native")
     with torch.no_grad():
         torch.testing.assert_close(output(again.eval(), X), output(mine, X), rtol=0, atol=0)
+
+
+# --- PiSSA / OLoRA: the adapter takes the principal part of W, the base keeps the residual ----------------------------
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("q_proj.weight", "v_proj.weight", "q_proj.base_layer.weight", "v_proj.base_layer.weight"))}
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_changing_init_equals_peft_a_b_and_residual(init):
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init))
+    ours = inject(llama(), LoRAConfig(r=4, alpha=8, target_modules=TARGETS, init_lora_weights=init))
+    with torch.no_grad():
+        torch.testing.assert_close(output(ours, X), output(llama(), X), rtol=1e-4, atol=1e-5)  # unchanged at init
+    inner = theirs.base_model.model
+    for name, layer in adapter_layers(ours):
+        src, adapter = inner.get_submodule(name), layer.adapters["default"]
+        torch.testing.assert_close(adapter.lora_A, src.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.lora_B, src.lora_B["default"].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.base_layer.weight, src.base_layer.weight, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(layer.base_layer.weight, llama().get_submodule(name).weight, atol=1e-3)  # the base did change
+
+
+def test_pissa_niter_keeps_the_model_unchanged_at_init_and_is_refused_on_other_layers():
+    torch.manual_seed(0)
+    ours = inject(llama(), LoRAConfig(r=4, alpha=8, target_modules=TARGETS, init="pissa_niter_4", use_dora=True))
+    with torch.no_grad():
+        torch.testing.assert_close(output(ours, X), output(llama(), X), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"PiSSA / OLoRA initialise Linear and Conv1D layers"):
+        inject(llama(), LoRAConfig(init="olora", target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match=r"unknown|choose one of \['kaiming', 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora'\]"):
+        LoRAConfig(init="pissa_niter_0")
+    with pytest.raises(ValueError, match="disagree"):
+        LoRAConfig(init="olora", init_lora_weights="pissa")
+
+
+@pytest.mark.parametrize("init,dora", [("pissa", False), ("olora", True), ("pissa_niter_2", False)])
+def test_saved_adapter_on_the_original_base_reproduces_the_trained_model(tmp_path, init, dora):
+    """Adapter files hold the plain rank-2r LoRA of the *original* base (ours and PEFT's layout); deleting restores W."""
+    model = inject(llama(), LoRAConfig(r=4, alpha=8, target_modules=TARGETS, init=init, use_dora=dora))
+    randomize(model, std=0.05, seed=5)  # "training" moves A, B (and m) away from their init
+    with torch.no_grad():
+        expected = output(model, X)
+    save_adapter(model, tmp_path / "native")
+    export_peft(model, tmp_path / "peft")
+    meta = json.loads((tmp_path / "native" / "adapter.json").read_text())
+    assert meta["config"]["init"] == init and {s["spec"].get("converted_from") for s in meta["sites"]} == {init}
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    fresh = llama()
+    load_adapter(fresh, tmp_path / "native")
+    theirs = peft.PeftModel.from_pretrained(llama(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output(fresh, X), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(output(theirs, X), expected, rtol=1e-4, atol=1e-5)
+    from lightning_peft import delete_adapter
+
+    delete_adapter(model, "default")
+    for name, weight in base_weights(llama()).items():
+        torch.testing.assert_close(model.get_parameter(name), weight, rtol=1e-5, atol=1e-6)
+
+
+def test_import_of_an_unconverted_peft_pissa_adapter_recomputes_the_residual(tmp_path):
+    theirs = peft_twin(llama(), target_modules=TARGETS, init_lora_weights="pissa")
+    theirs.save_pretrained(tmp_path / "pissa")
+    ours = llama()
+    import_peft(ours, tmp_path / "pissa")
+    with torch.no_grad():
+        torch.testing.assert_close(output(ours, X), output(theirs, X), rtol=1e-4, atol=1e-5)
+    peft_twin(llama(), target_modules=TARGETS, init_lora_weights="pissa_niter_2").save_pretrained(tmp_path / "niter")
+    with pytest.raises(ValueError, match=r"pissa_niter_<n> is randomized.*path_initial_model_for_weight_conversion"):
+        import_peft(llama(), tmp_path / "niter")

@@ -105,3 +105,28 @@ def test_mixin_applies_loraplus():
 def test_bad_ratio_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"loraplus_lr_ratio=0.0 is invalid: it must be a number > 0"):
         LoRAConfig(loraplus_lr_ratio=0.0)
+
+
+def test_dora_pissa_and_loraplus_train_together_through_the_callback_and_only_adapters_change():
+    callback = PEFT(LoRAConfig(r=2, use_dora=True, init="pissa", loraplus_lr_ratio=4.0, modules_to_save=None), verbose=False)
+    module = WarmupModule()
+
+    class Snapshot(pl.Callback):  # after injection (PiSSA changed the base), before any step
+        def on_fit_start(self, trainer, pl_module):
+            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    snap = Snapshot()
+    trainer = _fit(module, [callback, snap])
+    after = module.state_dict()
+    changed = {k for k, v in snap.state.items() if not torch.equal(v, after[k])}
+    assert changed and all(".adapters.default." in k and not k.endswith(("_init",)) for k in changed)
+    assert any(k.endswith("lora_magnitude_vector") for k in changed)
+    assert all(b == pytest.approx(4.0 * a) for a, b in _ab_rates(module, trainer).values())
+
+
+def test_hydra_configs_reach_the_lora_options(compose):
+    from hydra.utils import instantiate
+
+    dora, plus, pissa = (instantiate(compose(f"peft={name}").peft).config for name in ("dora", "lora_plus", "pissa"))
+    assert dora.use_dora and plus.loraplus_lr_ratio == 16 and pissa.init == "pissa"
+    assert instantiate(compose("peft=pissa", "peft.init=olora").peft).config.init == "olora"

@@ -236,7 +236,7 @@ class LoRA(nn.Module):
         self.lora_B.copy_(b0)
         self.register_buffer("lora_A_init", self.lora_A.detach().clone())
         self.register_buffer("lora_B_init", self.lora_B.detach().clone())
-        residual = weight - self.scale * (b0 @ a0)
+        residual = weight - self.scale * b0 @ a0  # PEFT's order of operations
         base.weight.copy_((residual.t() if self.kind == "conv1d" else residual).to(base.weight.dtype))
         if self.dora:
             self.reset_magnitude(base)

@@ -23,10 +23,12 @@ from torch import nn
 
 from ..groups.matching import format_names
 from ..utils.atomic_folder import atomic_folder, resolve_folder
+from .dora import oriented_weight
 from .functional import unmerged
 from .layer import adapter_layers
 from .loading import check_finite, file_sha256, install, read_json, read_safetensors
 from .lora import LoRAConfig, lora_kind
+from .lora_init import decompose, parse_init
 from .registry import Site, peft_exporter
 from .targeting import base_module, hf_models
 
@@ -80,7 +82,9 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     warning lists them). ``task_type`` comes from the model's class, so
     ``AutoPeftModelForCausalLM.from_pretrained(path)`` works when the base was loaded from a folder
     or the Hub. The folder is replaced all or nothing; non-finite tensors are refused unless
-    ``allow_non_finite=True``.
+    ``allow_non_finite=True``. PiSSA / OLoRA adapters, whose base holds a residual, are written converted
+    to a plain rank-2r LoRA of the original base (``init_lora_weights: true``), as PEFT's
+    ``path_initial_model_for_weight_conversion`` does: load them onto the original pretrained model.
     """
     from .adapter_files import adapter_config
 
@@ -195,7 +199,8 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     The modules to wrap come from the tensor file's keys, ranks from the tensor shapes and scaling
     from ``adapter_config.json``; DoRA adapters (``use_dora``, ``lora_magnitude_vector``) are read as
     such. Options PEFT has and we do not (LoRA bias, target parameters, trainable tokens) are an
-    error, never ignored. Full embedding weights PEFT saves
+    error, never ignored. PiSSA / OLoRA adapters saved unconverted (``init_lora_weights="pissa"``) give the
+    base the same residual again, as PEFT does when it loads them; converted ones are plain LoRA. Full embedding weights PEFT saves
     beside an embedding LoRA (``save_embedding_layers``) must equal the model's.
     """
     path = resolve_folder(Path(path))
@@ -206,6 +211,7 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     for key in _UNSUPPORTED:
         if cfg.get(key):
             raise ValueError(f"{path / PEFT_CONFIG}: {key}={cfg[key]!r} is not supported by lightning_peft's LoRA")
+    init = _base_changing_init(cfg, path)
     _check_manifest(path)
     file_tensors = _read_peft_tensors(path)
     root = _peft_root(model, root)
@@ -270,6 +276,11 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
                 "dropout": float(cfg.get("lora_dropout") or 0.0), "rslora": bool(cfg.get("use_rslora")), "init": "kaiming",
                 "adapter_dtype": "float32", "bias": "bias" in parts,
             }
+            if init != "kaiming":  # PiSSA / OLoRA saved unconverted: the base takes the same residual again, as in PEFT
+                spec["init"] = init
+                scale = spec["alpha"] / (spec["r"] ** 0.5 if spec["rslora"] else spec["r"])
+                a0, b0 = decompose(oriented_weight(base, kind, torch.float32), spec["r"], scale, init)
+                ours[f"{module}.lora_A_init"], ours[f"{module}.lora_B_init"] = a0, b0
             if "magnitude" in parts:  # DoRA
                 spec["dora"] = True
                 ours[f"{module}.lora_magnitude_vector"] = parts["magnitude"]
@@ -288,11 +299,30 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
             ours.update({k: v for k, v in rest.items() if k.startswith(module + ".")})
     config = LoRAConfig(
         r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout") or 0.0),
-        use_rslora=bool(cfg.get("use_rslora")), bias=cfg.get("bias") or "none", use_dora=bool(cfg.get("use_dora")),
+        use_rslora=bool(cfg.get("use_rslora")), bias=cfg.get("bias") or "none", use_dora=bool(cfg.get("use_dora")), init=init,
         target_modules=[s.module for s in sites if s.layer == "lora"], modules_to_save=list(saved_modules) or None,
     )
     install(model, adapter_name, config, sites, ours, str(path))
     return adapter_name
+
+
+_PLAIN_INITS = ("gaussian", "orthogonal", "eva", "mica")
+
+
+def _base_changing_init(cfg: Mapping[str, Any], path: Path) -> str:
+    """``init_lora_weights`` of a PEFT config as our ``init``: ``"kaiming"`` for the plain ones, ``"pissa"``/``"olora"`` for
+    adapters saved unconverted (their base must be given the same residual); anything else is refused."""
+    value = cfg.get("init_lora_weights", True)
+    if value in (True, None) or value in _PLAIN_INITS:
+        return "kaiming"  # the base is untouched: the trained A, B are all there is
+    kind, niter = parse_init(value) if isinstance(value, str) else (None, None)
+    if kind == "olora" or (kind == "pissa" and niter is None):
+        return value
+    raise ValueError(
+        f"{path / PEFT_CONFIG}: init_lora_weights={value!r} changed the base weights in a way that cannot be recomputed "
+        "here (pissa_niter_<n> is randomized; other inits are not supported). Save it from PEFT converted to a plain LoRA "
+        "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), then import that."
+    )
 
 
 def _check_saved_base_weight(model: nn.Module, module: str, saved: torch.Tensor, module_names: set[str], path: Path) -> None:
