@@ -227,3 +227,36 @@ def test_import_of_an_unconverted_peft_pissa_adapter_recomputes_the_residual(tmp
     peft_twin(llama(), target_modules=TARGETS, init_lora_weights="pissa_niter_2").save_pretrained(tmp_path / "niter")
     with pytest.raises(ValueError, match=r"pissa_niter_<n> is randomized.*path_initial_model_for_weight_conversion"):
         import_peft(llama(), tmp_path / "niter")
+
+
+def test_loftq_lowers_the_quantization_error_at_init_and_reloads_exactly(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lightning_peft import QLoRAConfig
+    from lightning_peft.peft.quantization import dequantized_weight, is_quantized
+
+    config = dict(r=4, alpha=8, target_modules=TARGETS, quantize_modules=TARGETS, block_size=32)
+    plain = inject(llama(), QLoRAConfig(**config))
+    loftq = inject(llama(), QLoRAConfig(**config, init_lora_weights="loftq", loftq_iter=2))
+    float_model = llama()
+    for name, layer in adapter_layers(loftq):
+        w = float_model.get_submodule(name).weight
+        adapter = layer.adapters["default"]
+        assert is_quantized(layer.base_layer) and is_quantized(plain.get_submodule(name).base_layer)
+        plain_error = (w - dequantized_weight(plain.get_submodule(name).base_layer)).norm()
+        loftq_error = (w - dequantized_weight(layer.base_layer) - adapter.delta_weight()).norm()
+        assert loftq_error < 0.9 * plain_error, (name, float(loftq_error), float(plain_error))
+    with torch.no_grad():
+        reference = output(float_model, X)
+        assert (output(loftq, X) - reference).norm() < (output(plain, X) - reference).norm()
+    randomize(loftq, std=0.05)
+    with torch.no_grad():
+        expected = output(loftq, X)
+    save_adapter(loftq, tmp_path / "loftq")
+    again = llama()
+    load_adapter(again, tmp_path / "loftq")
+    with torch.no_grad():
+        torch.testing.assert_close(output(again, X), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="LoftQ"):
+        export_peft(loftq, tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"choose one of \[.*'olora'\]"):
+        LoRAConfig(init="loftq")  # LoftQ needs a quantized base: QLoRAConfig

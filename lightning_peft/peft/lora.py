@@ -14,6 +14,7 @@ leave the residual in the base, :mod:`.lora_init`), ``loraplus_lr_ratio`` (LoRA+
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -27,8 +28,8 @@ from torch import nn
 from .config import MethodConfig, check_choice, check_field, check_probability, check_scalar
 from .dora import dora_delta, dora_factor_shape, dora_weight_norm, low_rank_weight, oriented_weight
 from .layer import AdapterLayer
-from .lora_init import base_changing, decompose, parse_init
-from .quantization import is_quantized, keep_layout, quantized_merge_blocker
+from .lora_init import base_changing, decompose, loftq, parse_init
+from .quantization import QuantSpec, is_quantized, keep_layout, quantized_merge_blocker
 from .registry import Site, register_layer, register_method, register_peft_exporter
 from .targeting import is_conv1d, iter_bias_modules, pattern_value, resolve_targets
 
@@ -325,9 +326,9 @@ class LoRALayer(AdapterLayer):
             raise ValueError(f"a LoRA adapter of kind {spec['kind']!r} does not fit a {type(base).__name__}")
         if is_quantized(base):
             keep_layout(base)  # wrapped: its storage must stay as quantized (saving, merging)
-            if base_changing(spec.get("init", "kaiming")):
-                raise ValueError(f"init={spec['init']!r} changes the base weight, which is quantized here; initialise on the "
-                                 "float base (LoRAConfig) and quantize the residual afterwards")
+            if base_changing(spec.get("init", "kaiming")) or spec.get("init") == "loftq":
+                raise ValueError(f"init={spec['init']!r} derives the base weight from its float values, but this "
+                                 f"{type(base).__name__} is quantized already (or carries another adapter); load the float model")
         return LoRA(base, spec)
 
     def add_adapter(self, name: str, adapter: nn.Module, config: Any) -> None:
@@ -335,6 +336,13 @@ class LoRALayer(AdapterLayer):
         super().add_adapter(name, adapter, config)
         if base_changing(adapter.spec.get("init", "kaiming")):
             adapter.init_from_base(self.base_layer)
+        elif adapter.spec.get("init") == "loftq":  # QLoRA: the float base becomes the LoftQ-quantized one
+            options = adapter.spec["loftq"]
+            quantized, a, b = loftq(self.base_layer, adapter.lora_A.shape[0], adapter.scale, QuantSpec(**options["quant"]), options["iter"])
+            with torch.no_grad():
+                adapter.lora_A.copy_(a)
+                adapter.lora_B.copy_(b)
+            self.base_layer = quantized
 
     def delete_adapter(self, name: str) -> None:
         """Remove ``name``; a PiSSA / OLoRA adapter gives its part of the base weight back."""
@@ -439,6 +447,8 @@ def plan_lora(model: nn.Module, config: LoRAConfig, modules_to_save: list[str]) 
         }
         if config.use_dora:
             spec["dora"] = True
+        if config.init == "loftq":  # QLoRAConfig: how the base is quantized, replayed when the adapter is loaded
+            spec["loftq"] = {"iter": config.loftq_iter, "quant": dataclasses.asdict(config.quant_spec())}
         _check_variant(name, spec, config)
         sites.append(Site(name, "lora", spec))
     _warn_oversized_ranks(model, sites)
@@ -454,6 +464,9 @@ def _check_variant(name: str, spec: dict[str, Any], config: LoRAConfig) -> None:
     if spec.get("dora") and spec["kind"] == "embedding":
         raise ValueError(f"{owner}(use_dora=True): {name!r} is an embedding; DoRA here wraps Linear, Conv1D and Conv2d layers. "
                          f"Leave it out with exclude_modules=[{name!r}] or use plain LoRA")
+    if spec["init"] == "loftq" and spec["kind"] != "linear":
+        raise ValueError(f"{owner}(init='loftq'): {name!r} is a {spec['kind']} layer; LoftQ initialises the nn.Linear layers QLoRA "
+                         f"quantizes. Leave it out with exclude_modules=[{name!r}]")
     if base_changing(spec["init"]) and spec["kind"] not in ("linear", "conv1d"):
         raise ValueError(f"{owner}(init={spec['init']!r}): {name!r} is a {spec['kind']} layer; PiSSA / OLoRA initialise Linear and "
                          f"Conv1D layers. Leave it out with exclude_modules=[{name!r}] or use init='kaiming'")

@@ -91,6 +91,9 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     config = adapter_config(model, adapter_name)
     if not isinstance(config, LoRAConfig):
         raise ValueError(f"PEFT export covers LoRA adapters; {adapter_name!r} is {config.method} (use save_adapter)")
+    if config.init == "loftq":
+        raise ValueError(f"Adapter {adapter_name!r} was initialised with LoftQ, whose quantized base PEFT would not rebuild "
+                         "the same way; use save_adapter (load_adapter re-derives the base from the float model)")
     root = _peft_root(model, root)
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
