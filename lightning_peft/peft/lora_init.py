@@ -13,7 +13,8 @@ unchanged at init: ``W = W_res + s·B₀·A₀``.
 Because the base changes, an adapter trained from these inits only reproduces the trained model on
 the *residual* base. :class:`~lightning_peft.peft.lora.LoRA` keeps ``A₀``, ``B₀`` (buffers) and saves the
 adapter converted to a plain rank-2r LoRA ``[A; A₀]``, ``[B, -B₀]`` that applies to the original base
-(PEFT's ``path_initial_model_for_weight_conversion``).
+(PEFT's ``path_initial_model_for_weight_conversion``). Deleting the adapter adds s·B₀·A₀ back; inside
+``disable_adapters`` the model is the residual base alone, as in PEFT.
 """
 
 from __future__ import annotations
