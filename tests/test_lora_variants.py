@@ -217,6 +217,16 @@ def test_saved_adapter_on_the_original_base_reproduces_the_trained_model(tmp_pat
         torch.testing.assert_close(model.get_parameter(name), weight, rtol=1e-5, atol=1e-6)
 
 
+def test_unconverted_export_says_init_lora_weights_and_peft_recomputes_the_residual(tmp_path):
+    model = inject(llama(), LoRAConfig(r=4, alpha=8, target_modules=TARGETS, init="olora"))
+    randomize(model, std=0.05, seed=5)
+    export_peft(model, tmp_path, convert_init=False)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "olora"
+    theirs = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output(theirs, X), output(model, X), rtol=1e-4, atol=1e-5)
+
+
 def test_import_of_an_unconverted_peft_pissa_adapter_recomputes_the_residual(tmp_path):
     theirs = peft_twin(llama(), target_modules=TARGETS, init_lora_weights="pissa")
     theirs.save_pretrained(tmp_path / "pissa")

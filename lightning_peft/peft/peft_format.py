@@ -73,7 +73,7 @@ def _relative(name: str, root: str) -> str | None:
 
 
 def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default", root: str | None = None,
-                allow_non_finite: bool = False) -> Path:
+                allow_non_finite: bool = False, convert_init: bool = True) -> Path:
     """Write a LoRA adapter in PEFT's layout, loadable with ``PeftModel.from_pretrained(base, path)``.
 
     ``root`` names the base model PEFT will wrap (default: the ``transformers`` model inside
@@ -85,6 +85,8 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     ``allow_non_finite=True``. PiSSA / OLoRA adapters, whose base holds a residual, are written converted
     to a plain rank-2r LoRA of the original base (``init_lora_weights: true``), as PEFT's
     ``path_initial_model_for_weight_conversion`` does: load them onto the original pretrained model.
+    ``convert_init=False`` writes them as trained with ``init_lora_weights: "pissa"`` / ``"olora"`` instead
+    (rank r; PEFT and :func:`import_peft` recompute the residual from the original base when loading).
     """
     from .adapter_files import adapter_config
 
@@ -94,6 +96,9 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     if config.init == "loftq":
         raise ValueError(f"Adapter {adapter_name!r} was initialised with LoftQ, whose quantized base PEFT would not rebuild "
                          "the same way; use save_adapter (load_adapter re-derives the base from the float model)")
+    if not convert_init and parse_init(config.init)[1] is not None:
+        raise ValueError(f"export_peft(convert_init=False): init={config.init!r} is a randomized SVD that cannot be recomputed "
+                         "when loading; keep convert_init=True (a plain LoRA of the original base)")
     root = _peft_root(model, root)
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -110,7 +115,7 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
                 continue
             adapter = layer.adapters[adapter_name]
             form = getattr(adapter, "inference_form", None)  # PiSSA / OLoRA: the plain LoRA of the original base
-            adapter = form() if layer.method == "lora" and callable(form) else adapter
+            adapter = form() if layer.method == "lora" and callable(form) and convert_init else adapter
             rel = _relative(name, root)
             out = tensors if rel is not None else extra
             key = PEFT_PREFIX + (rel if rel is not None else name)
@@ -139,7 +144,7 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": config.bias, "modules_to_save": saved or None, "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True, "use_dora": config.use_dora, "layers_to_transform": None, "layers_pattern": None,
+        "init_lora_weights": True if convert_init or config.init in ("kaiming", "gaussian") else config.init, "use_dora": config.use_dora, "layers_to_transform": None, "layers_pattern": None,
         "revision": None, "exclude_modules": None,
     }
     import safetensors.torch as st
