@@ -130,3 +130,30 @@ def test_hydra_configs_reach_the_lora_options(compose):
     dora, plus, pissa = (instantiate(compose(f"peft={name}").peft).config for name in ("dora", "lora_plus", "pissa"))
     assert dora.use_dora and plus.loraplus_lr_ratio == 16 and pissa.init == "pissa"
     assert instantiate(compose("peft=pissa", "peft.init=olora").peft).config.init == "olora"
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_resumed_loraplus_dora_run_ends_like_the_uninterrupted_one(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        module = WarmupModule()
+        callbacks = [PEFT(LoRAConfig(r=2, use_dora=True, loraplus_lr_ratio=4.0), verbose=False), DiscriminativeLR(decay=0.5, verbose=False)]
+        if ckpt_path is None:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1))
+        g = torch.Generator().manual_seed(0)
+        data = DataLoader(TensorDataset(torch.randint(8, 40, (8, 6), generator=g), torch.arange(8) % 2), batch_size=4)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=4, callbacks=callbacks, logger=False, enable_checkpointing=ckpt_path is None,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        names = {id(p): n for n, p in module.named_parameters()}
+        groups = [{k: (tuple(names[id(p)] for p in v) if k == "params" else v) for k, v in g.items()} for g in trainer.optimizers[0].param_groups]
+        return groups, {k: v.clone() for k, v in module.state_dict().items()}
+
+    groups_a, state_a = run()
+    groups_b, state_b = run(tmp_path / "step=2.ckpt")
+    assert groups_a == groups_b and any("loraplus_B" in g["name"] for g in groups_a)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=0, atol=0, msg=key)
