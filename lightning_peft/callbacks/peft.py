@@ -112,6 +112,9 @@ class PEFT(pl.Callback):
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.export_peft = export_peft
+        if export_peft and getattr(self.config, "init", None) == "loftq":  # fail now, not after training
+            raise ValueError("PEFT(export_peft=True) cannot export a LoftQ adapter (PEFT would not rebuild its quantized base); "
+                             "use export_peft=False: save_dir still gets the adapter, which load_adapter reloads exactly")
         self.check_gradients = check_gradients
         self.verbose = verbose
         self.train_bn = train_bn
