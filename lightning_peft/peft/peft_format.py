@@ -144,7 +144,8 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": config.bias, "modules_to_save": saved or None, "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True if convert_init or config.init in ("kaiming", "gaussian") else config.init, "use_dora": config.use_dora, "layers_to_transform": None, "layers_pattern": None,
+        "init_lora_weights": True if convert_init or config.init in ("kaiming", "gaussian") else config.init,  # PiSSA/OLoRA
+        "use_dora": config.use_dora, "layers_to_transform": None, "layers_pattern": None,
         "revision": None, "exclude_modules": None,
     }
     import safetensors.torch as st
@@ -207,9 +208,9 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     The modules to wrap come from the tensor file's keys, ranks from the tensor shapes and scaling
     from ``adapter_config.json``; DoRA adapters (``use_dora``, ``lora_magnitude_vector``) are read as
     such. Options PEFT has and we do not (LoRA bias, target parameters, trainable tokens) are an
-    error, never ignored. PiSSA / OLoRA adapters saved unconverted (``init_lora_weights="pissa"``) give the
-    base the same residual again, as PEFT does when it loads them; converted ones are plain LoRA. Full embedding weights PEFT saves
-    beside an embedding LoRA (``save_embedding_layers``) must equal the model's.
+    error, never ignored. PiSSA / OLoRA adapters saved unconverted (``init_lora_weights="pissa"``) give
+    the base the same residual again, as PEFT does when it loads them; converted ones are plain LoRA.
+    Full embedding weights PEFT saves beside an embedding LoRA (``save_embedding_layers``) must equal the model's.
     """
     path = resolve_folder(Path(path))
     cfg = read_json(path / PEFT_CONFIG, "PEFT adapter config")
@@ -321,8 +322,8 @@ def _base_changing_init(cfg: Mapping[str, Any], path: Path) -> str:
     """``init_lora_weights`` of a PEFT config as our ``init``: ``"kaiming"`` for the plain ones, ``"pissa"``/``"olora"`` for
     adapters saved unconverted (their base must be given the same residual); anything else is refused."""
     value = cfg.get("init_lora_weights", True)
-    if value in (True, None) or value in _PLAIN_INITS:
-        return "kaiming"  # the base is untouched: the trained A, B are all there is
+    if value is None or isinstance(value, bool) or value in _PLAIN_INITS:
+        return "kaiming"  # the base is untouched (False: random B at init): the trained A, B are all there is
     kind, niter = parse_init(value) if isinstance(value, str) else (None, None)
     if kind == "olora" or (kind == "pissa" and niter is None):
         return value
