@@ -66,6 +66,7 @@ from .models import (
 from .models.causal_lm import CausalLM
 from .models.mixins import FinetuningConfig, FinetuningMixin, PEFTMixin
 from .models.pretrained import load_backbone, load_timm_model, load_tokenizer, resolve_pretrained
+from .optim.loraplus import apply_loraplus, create_loraplus_optimizer
 from .optim.param_groups import Placement, regroup_optimizer
 from .peft import (
     ALL_LINEAR,
@@ -144,8 +145,10 @@ __all__ = [
     "adapter_config",
     "add_weighted_adapter",
     "adapter_state_dict",
+    "apply_loraplus",
     "base_weight_memory",
     "check_adapter_only_checkpoint",
+    "create_loraplus_optimizer",
     "delete_adapter",
     "dequantize_model",
     "disable_adapters",

@@ -126,3 +126,15 @@ def test_benchmark_strategies_llm_task_reports_generation_metrics(tmp_path, tiny
     assert "| method | seeds | ROUGE-L (mean ± std) | exact match |" in table
     with pytest.raises(SystemExit, match="bitfit does not apply to task smollm2_headlines"):
         script.main(["--task", "smollm2_headlines", "--quick", "--methods", "bitfit", "--out", str(tmp_path)])
+
+
+def test_bench_dora_compares_ours_with_hf_peft_and_plain_lora(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    out = tmp_path / "dora.json"
+    monkeypatch.setattr(sys, "argv", ["bench_dora.py", "--hidden", "32", "--layers", "1", "--vocab", "64", "--length", "8",
+                                      "--rank", "2", "--steps", "1", "--out", str(out)])
+    _script("bench_dora").main()
+    data = json.loads(out.read_text())
+    assert data["first_loss_ours_dora"] == pytest.approx(data["first_loss_peft_dora"], rel=1e-4)  # the same model
+    for key in ("ours_dora_step_s", "peft_dora_step_s", "ours_lora_step_s", "peft_dora_over_ours_dora_time", "ours_dora_over_ours_lora_time"):
+        assert data[key] > 0, key

@@ -175,9 +175,9 @@ def test_we_import_an_adapter_saved_by_hf_peft(tmp_path):
 
 
 def test_import_refuses_what_it_cannot_represent(tmp_path):
-    peft_model = peft.get_peft_model(bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    peft_model = peft.get_peft_model(bert(), peft.LoraConfig(r=2, target_modules=["query"], lora_bias=True))
     peft_model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    with pytest.raises(ValueError, match="lora_bias=True is not supported"):
         import_peft(bert(), tmp_path)
 
 

@@ -174,6 +174,13 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"adapter 'x' trains the bias of 'transformer.h.0.attn.c_attn'"):
         add_weighted_adapter(biased, ["x", "y"], [1, 1], "m", combination_type="cat")
     delete_adapter(biased, "x")
+    for variant, message in (({"use_dora": True}, "is a DoRA adapter"), ({"init": "olora"}, r"init='olora', which moved part of the base")):
+        model = inject(llama(), LoRAConfig(r=2, target_modules=["q_proj"], **variant), "v")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inject(model, LoRAConfig(r=2, target_modules=["q_proj"]), "plain")
+        with pytest.raises(ValueError, match=message):
+            add_weighted_adapter(model, ["v", "plain"], [1, 1], "m", combination_type="cat")
 
 
 def test_token_rows_of_one_adapter_are_copied_and_two_are_refused():

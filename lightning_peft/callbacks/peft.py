@@ -30,6 +30,7 @@ from ..distributed.fsdp import (
 )
 from ..groups.freezing import frozen_batchnorms, set_eval
 from ..groups.matching import format_names
+from ..optim.loraplus import apply_loraplus
 from ..peft.adapter_files import adapter_metadata, export_peft, save_adapter
 from ..peft.checkpoint import AdapterOnlyCheckpoints
 from ..peft.config import MethodConfig
@@ -41,6 +42,7 @@ from ..utils.atomic_files import ensure_writable_dir
 from ..utils.param_count import count_parameters
 from ..utils.patching import Patch, patch_method
 from . import coordination
+from .layer_group_callback import describe_param_groups
 
 __all__ = ["PEFT"]
 
@@ -110,6 +112,9 @@ class PEFT(pl.Callback):
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.export_peft = export_peft
+        if export_peft and getattr(self.config, "init", None) == "loftq":  # fail now, not after training
+            raise ValueError("PEFT(export_peft=True) cannot export a LoftQ adapter (PEFT would not rebuild its quantized base); "
+                             "use export_peft=False: save_dir still gets the adapter, which load_adapter reloads exactly")
         self.check_gradients = check_gradients
         self.verbose = verbose
         self.train_bn = train_bn
@@ -204,6 +209,20 @@ class PEFT(pl.Callback):
             )
             if self._frozen_batchnorms:
                 rank_zero_info(f"PEFT: {len(self._frozen_batchnorms)} BatchNorm layers of the frozen base stay in eval mode (train_bn=False)")
+
+    # --- LoRA+: the optimizer's groups ----------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """LoRA+ (``loraplus_lr_ratio``): split the user's optimizer groups so B trains faster (before state is restored on resume)."""
+        ratio = getattr(self.config, "loraplus_lr_ratio", None)
+        if ratio is None:
+            return
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        for optimizer in trainer.optimizers:
+            apply_loraplus(optimizer, pl_module, ratio, self.config.loraplus_lr_embedding, schedulers, self.adapter_name)
+        if self.verbose:
+            for i, optimizer in enumerate(trainer.optimizers):
+                rank_zero_info(f"PEFT: LoRA+ param groups of optimizer {i} (B at {ratio:g} x lr)\n{describe_param_groups(optimizer)}")
 
     # --- FSDP: the base is sharded, the adapters are replicated --------------------------------
 

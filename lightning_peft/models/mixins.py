@@ -106,7 +106,7 @@ class PEFTMixin:
     Training behaves exactly as with the :class:`~lightning_peft.PEFT` callback, whose code it runs:
     BatchNorm layers of the frozen base stay in eval mode (``peft_train_bn = True`` lets them train),
     adapters are replicated under FSDP with their gradients averaged, and the first step checks that
-    the adapters get gradients (``peft_check_gradients``). If you override ``on_train_epoch_start``,
+    the adapters get gradients (``peft_check_gradients``); LoRA+ rates are set at fit start. If you override ``on_fit_start``, ``on_train_epoch_start``,
     ``on_train_batch_start``, ``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``,
     or ``on_save_checkpoint``, call ``super()`` in them.
 
@@ -142,6 +142,11 @@ class PEFTMixin:
         trainer = self._trainer  # type: ignore[attr-defined]
         runtime.check_strategy(trainer)
         runtime.inject_now(trainer, self)  # type: ignore[arg-type]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # type: ignore[misc]
+        if (runtime := self._peft()) is not None:
+            runtime.on_fit_start(self.trainer, self)  # type: ignore[attr-defined, arg-type]
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()  # type: ignore[misc]

@@ -21,6 +21,7 @@ from ..groups.matching import format_names
 from .functional import _require, apply_sites, delete_adapter
 from .layer import AdapterLayer, adapter_layers, validate_adapter_name
 from .lora import LoRA, LoRAConfig
+from .lora_init import base_changing
 from .registry import Site
 from .task_arithmetic import COMBINATIONS, SignMethod, combine
 
@@ -173,6 +174,12 @@ def _lora_configs(model: nn.Module, adapters: list[str]) -> list[LoRAConfig]:
                                  "combines LoRA on modules only (as PEFT)")
             if layer.method != "lora" or not isinstance(module, LoRA) or not isinstance(layer.configs[adapter], LoRAConfig):
                 raise ValueError(f"adapter {adapter!r} has a {layer.method} layer at {name!r}; add_weighted_adapter combines LoRA adapters only")
+            if module.dora:
+                raise ValueError(f"adapter {adapter!r} is a DoRA adapter at {name!r}: its magnitude vector has no weighted "
+                                 "combination; combine plain LoRA adapters (use_dora=False)")
+            if base_changing(layer.configs[adapter].init):
+                raise ValueError(f"adapter {adapter!r} was initialised with init={layer.configs[adapter].init!r}, which moved part "
+                                 "of the base weight into it; combine adapters that leave the base untouched (init='kaiming' or 'gaussian')")
             if module.bias_delta is not None:
                 raise ValueError(f"adapter {adapter!r} trains the bias of {name!r} (LoRAConfig(bias=...)); trained biases cannot be "
                                  "combined: combine adapters trained with bias='none'")

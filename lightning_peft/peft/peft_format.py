@@ -23,10 +23,12 @@ from torch import nn
 
 from ..groups.matching import format_names
 from ..utils.atomic_folder import atomic_folder, resolve_folder
+from .dora import oriented_weight
 from .functional import unmerged
 from .layer import adapter_layers
 from .loading import check_finite, file_sha256, install, read_json, read_safetensors
 from .lora import LoRAConfig, lora_kind
+from .lora_init import decompose, parse_init
 from .lora_params import match_parameters
 from .registry import Site, peft_exporter
 from .targeting import base_module, hf_models
@@ -73,7 +75,7 @@ def _relative(name: str, root: str) -> str | None:
 
 
 def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default", root: str | None = None,
-                allow_non_finite: bool = False) -> Path:
+                allow_non_finite: bool = False, convert_init: bool = True) -> Path:
     """Write a LoRA adapter in PEFT's layout, loadable with ``PeftModel.from_pretrained(base, path)``.
 
     ``root`` names the base model PEFT will wrap (default: the ``transformers`` model inside
@@ -82,13 +84,23 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     warning lists them). ``task_type`` comes from the model's class, so
     ``AutoPeftModelForCausalLM.from_pretrained(path)`` works when the base was loaded from a folder
     or the Hub. The folder is replaced all or nothing; non-finite tensors are refused unless
-    ``allow_non_finite=True``.
+    ``allow_non_finite=True``. PiSSA / OLoRA adapters, whose base holds a residual, are written converted
+    to a plain rank-2r LoRA of the original base (``init_lora_weights: true``), as PEFT's
+    ``path_initial_model_for_weight_conversion`` does: load them onto the original pretrained model.
+    ``convert_init=False`` writes them as trained with ``init_lora_weights: "pissa"`` / ``"olora"`` instead
+    (rank r; PEFT and :func:`import_peft` recompute the residual from the original base when loading).
     """
     from .adapter_files import adapter_config
 
     config = adapter_config(model, adapter_name)
     if not isinstance(config, LoRAConfig):
         raise ValueError(f"PEFT export covers LoRA adapters; {adapter_name!r} is {config.method} (use save_adapter)")
+    if config.init == "loftq":
+        raise ValueError(f"Adapter {adapter_name!r} was initialised with LoftQ, whose quantized base PEFT would not rebuild "
+                         "the same way; use save_adapter (load_adapter re-derives the base from the float model)")
+    if not convert_init and parse_init(config.init)[1] is not None:
+        raise ValueError(f"export_peft(convert_init=False): init={config.init!r} is a randomized SVD that cannot be recomputed "
+                         "when loading; keep convert_init=True (a plain LoRA of the original base)")
     root = _peft_root(model, root)
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -106,6 +118,8 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
             if adapter_name not in layer.adapters:
                 continue
             adapter = layer.adapters[adapter_name]
+            form = getattr(adapter, "inference_form", None)  # PiSSA / OLoRA: the plain LoRA of the original base
+            adapter = form() if layer.method == "lora" and callable(form) and convert_init else adapter
             rel = _relative(name, root)
             out = tensors if rel is not None else extra
             key = PEFT_PREFIX + (rel if rel is not None else name)
@@ -145,7 +159,8 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": config.bias, "modules_to_save": saved or None, "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "init_lora_weights": True if convert_init or config.init in ("kaiming", "gaussian") else config.init,  # PiSSA/OLoRA
+        "use_dora": config.use_dora, "layers_to_transform": None, "layers_pattern": None,
         "revision": None, "exclude_modules": None, "trainable_token_indices": token_indices or None,
         "target_parameters": target_parameters or None,
     }
@@ -178,9 +193,9 @@ def _check_manifest(folder: Path) -> None:
                          "exports or holds a damaged file. Export the adapter again, or copy all files of one export.")
 
 
-_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "alora_invocation_tokens")
+_UNSUPPORTED = ("lora_bias", "layer_replication", "alora_invocation_tokens")
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-             ".base_layer.bias": "bias", ".base_layer.weight": "base_weight"}
+             ".base_layer.bias": "bias", ".base_layer.weight": "base_weight", ".lora_magnitude_vector": "magnitude"}
 
 
 def _pattern(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -207,9 +222,12 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     """Add a LoRA adapter saved by Hugging Face PEFT (or :func:`export_peft`) to ``model``; returns its name.
 
     The modules to wrap come from the tensor file's keys, ranks from the tensor shapes and scaling
-    from ``adapter_config.json``. Options PEFT has and we do not (DoRA, LoRA bias) are an error,
-    never ignored; trainable tokens and LoRA on parameters (``target_parameters``, e.g. MoE experts) are read. Full embedding weights PEFT saves
-    beside an embedding LoRA (``save_embedding_layers``) must equal the model's.
+    from ``adapter_config.json``; DoRA adapters (``use_dora``, ``lora_magnitude_vector``) are read as
+    such, and so are trainable tokens and LoRA on parameters (``target_parameters``, e.g. MoE experts).
+    Options PEFT has and we do not (LoRA bias, layer replication) are an error, never ignored. PiSSA /
+    OLoRA adapters saved unconverted (``init_lora_weights="pissa"``) give the base the same residual
+    again, as PEFT does when it loads them; converted ones are plain LoRA. Full embedding weights PEFT
+    saves beside an embedding LoRA (``save_embedding_layers``) must equal the model's.
     """
     path = resolve_folder(Path(path))
     cfg = read_json(path / PEFT_CONFIG, "PEFT adapter config")
@@ -219,6 +237,7 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
     for key in _UNSUPPORTED:
         if cfg.get(key):
             raise ValueError(f"{path / PEFT_CONFIG}: {key}={cfg[key]!r} is not supported by lightning_peft's LoRA")
+    init = _base_changing_init(cfg, path)
     _check_manifest(path)
     file_tensors = _read_peft_tensors(path)
     root = _peft_root(model, root)
@@ -285,6 +304,16 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
                 "dropout": float(cfg.get("lora_dropout") or 0.0), "rslora": bool(cfg.get("use_rslora")), "init": "kaiming",
                 "adapter_dtype": "float32", "bias": "bias" in parts,
             }
+            if init != "kaiming":  # PiSSA / OLoRA saved unconverted: the base takes the same residual again, as in PEFT
+                spec["init"] = init
+                scale = spec["alpha"] / (spec["r"] ** 0.5 if spec["rslora"] else spec["r"])
+                a0, b0 = decompose(oriented_weight(base, kind, torch.float32), spec["r"], scale, init)
+                ours[f"{module}.lora_A_init"], ours[f"{module}.lora_B_init"] = a0, b0
+            if "magnitude" in parts:  # DoRA
+                spec["dora"] = True
+                ours[f"{module}.lora_magnitude_vector"] = parts["magnitude"]
+            elif cfg.get("use_dora"):
+                raise ValueError(f"{path}: use_dora is set but {module!r} has no lora_magnitude_vector (an incomplete DoRA adapter)")
             sites.append(Site(module, "lora", spec))
             ours[f"{module}.lora_A"], ours[f"{module}.lora_B"] = parts["A"], parts["B"]
             if "bias" in parts:
@@ -308,7 +337,7 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
             ours.update({k: v for k, v in rest.items() if k.startswith(module + ".")})
     config = LoRAConfig(
         r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)), dropout=float(cfg.get("lora_dropout") or 0.0),
-        use_rslora=bool(cfg.get("use_rslora")), bias=cfg.get("bias") or "none",
+        use_rslora=bool(cfg.get("use_rslora")), bias=cfg.get("bias") or "none", use_dora=bool(cfg.get("use_dora")), init=init,
         target_modules=[s.module for s in sites if s.layer == "lora"] or None, modules_to_save=list(saved_modules) or None,
         trainable_token_indices=token_targets or None,
         target_parameters=[f"{s.module}.{p}" for s in param_sites for p in s.spec["params"]] or None,
@@ -365,6 +394,25 @@ def _token_targets(indices: Any, tokens: dict[str, torch.Tensor], root: str, pat
             raise ValueError(f"{path}: {rel!r} has {len(ids)} trainable token ids but saved rows of shape {tuple(rows.shape)}")
         targets[module] = [int(i) for i in ids]
     return targets
+
+
+_PLAIN_INITS = ("gaussian", "orthogonal", "eva", "mica")
+
+
+def _base_changing_init(cfg: Mapping[str, Any], path: Path) -> str:
+    """``init_lora_weights`` of a PEFT config as our ``init``: ``"kaiming"`` for the plain ones, ``"pissa"``/``"olora"`` for
+    adapters saved unconverted (their base must be given the same residual); anything else is refused."""
+    value = cfg.get("init_lora_weights", True)
+    if value is None or isinstance(value, bool) or value in _PLAIN_INITS:
+        return "kaiming"  # the base is untouched (False: random B at init): the trained A, B are all there is
+    kind, niter = parse_init(value) if isinstance(value, str) else (None, None)
+    if kind == "olora" or (kind == "pissa" and niter is None):
+        return value
+    raise ValueError(
+        f"{path / PEFT_CONFIG}: init_lora_weights={value!r} changed the base weights in a way that cannot be recomputed "
+        "here (pissa_niter_<n> is randomized; other inits are not supported). Save it from PEFT converted to a plain LoRA "
+        "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), then import that."
+    )
 
 
 def _check_saved_base_weight(model: nn.Module, module: str, saved: torch.Tensor, module_names: set[str], path: Path) -> None:

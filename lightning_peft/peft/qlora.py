@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..utils.names import is_inside_any
-from .lora import LoRAConfig, plan_lora
+from .lora import LORA_DEFAULT_TARGETS, LoRAConfig, lora_kind, plan_lora
 from .quantization import (
     QuantSpec,
     is_quantized,
@@ -27,6 +27,7 @@ from .targeting import (
     all_linear_modules,
     base_module,
     candidate_modules,
+    resolve_targets,
     select_modules,
 )
 
@@ -45,6 +46,10 @@ class QLoRAConfig(LoRAConfig):
         compute_dtype: ``"auto"`` (each layer's dtype before quantization), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         int8_threshold: LLM.int8 outlier threshold (8 bits).
         quantize_modules: ``"all-linear"`` (every linear layer of the backbone, not the head) or module patterns.
+        init: also ``"loftq"`` (PEFT's ``init_lora_weights="loftq"``): the LoRA targets are quantized together with
+            their A, B so that Q + s·B·A is closer to the float weight than plain QLoRA's Q (see
+            :func:`~lightning_peft.peft.lora_init.loftq`); loading the adapter re-derives Q from the float model.
+        loftq_iter: LoftQ's alternating quantize / SVD steps (PEFT's ``loftq_iter``).
         Everything else: see :class:`~lightning_peft.LoRAConfig`.
     """
 
@@ -57,12 +62,18 @@ class QLoRAConfig(LoRAConfig):
     compute_dtype: str = "auto"
     int8_threshold: float = 6.0
     quantize_modules: list[str] | str = "all-linear"
+    loftq_iter: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.quant_spec()  # validates
+        if self.loftq_iter < 1:
+            raise ValueError(f"{type(self).__name__}: loftq_iter={self.loftq_iter!r} is invalid: it must be an integer >= 1")
         if isinstance(self.quantize_modules, str) and self.quantize_modules != "all-linear":
             self.quantize_modules = [self.quantize_modules]
+
+    def init_choices(self) -> list[str]:
+        return [*super().init_choices(), "loftq"]
 
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.quant_type, self.double_quant, self.block_size, self.compute_dtype, self.int8_threshold)
@@ -77,6 +88,9 @@ def prepare_qlora(model: nn.Module, config: QLoRAConfig, modules_to_save: list[s
         names = [n for n in all_linear_modules(model, candidates) if type(base_module(model.get_submodule(n))) is nn.Linear or is_quantized(base_module(model.get_submodule(n)))]
     else:
         names = select_modules(candidates, config.quantize_modules, lambda m: type(m) is nn.Linear or is_quantized(m), "QLoRA quantize_modules", model)
+    if config.init == "loftq":  # the LoRA targets are quantized by LoftQ with their adapters (LoRALayer.add_adapter)
+        targets = set(resolve_targets(model, config, lambda m: lora_kind(m) is not None, LORA_DEFAULT_TARGETS, "LoRA target_modules", skip=modules_to_save))
+        names = [n for n in names if n not in targets]
     quantize_modules(model, names, config.quant_spec())
 
 
