@@ -139,8 +139,19 @@ LLM_BUDGETS: dict[str, list[str]] = {
               "model.max_new_tokens=4", "trainer.max_steps=2"],
 }
 
+# The LoRA family on the default text task, each against plain LoRA in the same run (same budget, targets, rank).
+LORA_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "lora": ("LoRA r=8 (query, value; lr 3e-3)", ["peft=lora"]),
+    "rslora": ("rsLoRA: scale alpha/sqrt(r)", ["peft=lora", "peft.use_rslora=true"]),
+    "dora": ("DoRA", ["peft=dora"]),
+    "lora_plus": ("LoRA+ (B at 16x A's 1e-3)", ["peft=lora_plus"]),
+    "pissa": ("PiSSA init (lr 5e-4)", ["peft=pissa"]),
+    "olora": ("OLoRA init (lr 5e-4)", ["peft=pissa", "peft.init=olora"]),
+}
+
 TASKS: dict[str, Task] = {
     "bbc_news": Task("BBC News topics (5 classes), all-MiniLM-L6-v2", [], BUDGETS, METHODS),
+    "bbc_lora_variants": Task("The LoRA family on BBC News topics (5 classes), all-MiniLM-L6-v2", [], BUDGETS, LORA_VARIANTS),
     "mnist": Task(
         "MNIST 5k digits (10 classes), EfficientNet-Lite0 (ImageNet weights) at 64 px",
         ["experiment=mnist_lite0"], VISION_BUDGETS, VISION_METHODS, VISION_EXCLUDED,
