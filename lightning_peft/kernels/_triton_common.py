@@ -7,6 +7,8 @@ Precision scheme used by every kernel (fp32 accumulation throughout):
   and accumulates in fp32.
 * fp32 inputs: fp32 operands; TF32 is used only when ``torch.backends.cuda.matmul.allow_tf32``
   is set, as for ``F.linear``.
+* fp32 adapter masters on 16-bit inputs (``check_dtypes(..., masters=...)``): their operands are
+  rounded to the input dtype like everything else, and their gradients are the fp32 sums, stored fp32.
 * float64 (interpreter only, for ``gradcheck``): float64 everywhere.
 * Under ``TRITON_INTERPRET=1`` bf16 arithmetic is broken, so bf16 operands are rounded to bf16 and
   then widened to fp32 before the dot (the same products and fp32 sums as a bf16 MMA).
