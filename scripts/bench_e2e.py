@@ -6,7 +6,11 @@ alpha=32 on all linear layers, fp32 adapters, AdamW, sequence 2048 x batch 4), m
 - ``floor``: the same frozen model with only the final norm training (backward still crosses every layer);
 - ``hf_peft``: ``peft.get_peft_model`` in a plain loop (when peft is importable);
 - ``ours``: an unchanged LightningModule, ``Trainer(callbacks=[PEFT(LoRAConfig(...))])`` (fused kernels on);
-- ``ours_no_kernels``: the same with ``LoRAConfig(use_kernels=False)`` (eager LoRA path).
+- ``ours_no_kernels``: the same with ``LoRAConfig(use_kernels=False)`` (eager LoRA path);
+- ``ours_addmm`` (on request, ``--modes``): ``ours`` with every LoRA layer on the cuBLAS-backed kernel path
+  (``LIGHTNING_PEFT_LORA_PATH=addmm``) instead of the fused GEMM.
+
+Runs from a checkout without install (``python scripts/bench_e2e.py``).
 
 Prints tokens/s, peak memory and the ratios the issue sets as targets (ours >= 1.5x PEFT's tokens/s at
 <= 0.75x its peak memory), and writes JSON with ``--out``. Needs a CUDA GPU; ``--cpu-smoke`` runs every
@@ -24,10 +28,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without install
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 R, ALPHA = 16, 32
 
@@ -139,6 +145,20 @@ def run_ours(config, device, dtype, ids, steps, clock, use_kernels: bool) -> int
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def with_env(env: dict[str, str], fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``env`` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, to check the script")
@@ -161,6 +181,7 @@ def main() -> None:
         "hf_peft": run_hf_peft,
         "ours": lambda *a: run_ours(*a, use_kernels=True),
         "ours_no_kernels": lambda *a: run_ours(*a, use_kernels=False),
+        "ours_addmm": lambda *a: with_env({"LIGHTNING_PEFT_LORA_PATH": "addmm"}, run_ours, *a, use_kernels=True),
     }
     results: dict[str, dict[str, Any]] = {}
     for mode in args.modes.split(","):
@@ -183,6 +204,9 @@ def main() -> None:
             "trainable": trainable,
         }
         print(mode, json.dumps(results[mode]), flush=True)
+        if args.out:  # after every mode, so that a run cut short by a time limit leaves what it measured
+            with open(args.out, "w") as f:
+                json.dump({"partial": True, "results": results}, f, indent=2)
     summary: dict[str, Any] = {}
     if "ours" in results and "hf_peft" in results:
         summary["ours_tokens_per_s_over_peft"] = round(results["ours"]["tokens_per_s"] / results["hf_peft"]["tokens_per_s"], 3)

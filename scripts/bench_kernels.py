@@ -9,6 +9,11 @@ forward+backward, in bf16, and prints every time as a ratio to the floor measure
   eager reference (``lora_linear_reference``), ``torch.compile`` of it, our Triton kernels
   (``lora_linear_triton``; on sm_90+ also ``triton_no_tma``, the pointer-based GEMM instead of the
   TMA one) and HF PEFT's LoRA layer when ``peft`` imports.
+* The same LoRA rows also for ``addmm`` (the cuBLAS-backed path: skinny Triton kernels for the rank-r
+  terms, ``addmm`` with beta=1 for the big GEMMs) and ``dispatch`` (``lora_linear``, the path it picks).
+* Bare GEMM at the LoRA shapes (``--only gemm``): our Triton GEMM without the rank-r epilogue against
+  cuBLAS, forward ``x·Wᵀ`` vs ``F.linear`` and dgrad ``dy·W`` vs ``dy @ W`` (also without TMA on sm_90+),
+  with a parity check of their values: one ratio that says whether the fused path's GEMM can win.
 * Bottleneck adapter, m=64, GELU, residual = x, (M, d) = (8192, 4096): floor = the residual
   alone (``x * 1.0``: read x, write y; backward read dy, write dx); rows for eager, compiled and
   Triton.
@@ -19,12 +24,14 @@ frozen base layer's (x·Aᵀ and dh, M×r each, come on top of it).
 
 Targets (issue 6), ratios to the floor from the same run:
 
-* LoRA forward+backward <= 1.10x the frozen base linear at (8192, 4096→4096) and <= 1.25x at
-  (16384, 2048→2048); peak extra memory no more than the frozen base layer's.
+* LoRA forward+backward <= 1.10x the frozen base linear at (8192, 4096→4096), <= 1.25x at
+  (16384, 2048→2048) and <= 1.08x at (8192, 4096→14336); peak extra memory no more than the frozen
+  base layer's (judged for the ``triton``, ``addmm`` and ``dispatch`` rows).
 * Adapter forward+backward <= 2.5x the residual-only floor at (8192, 4096).
 
 Before timing, the Triton outputs and gradients are checked against the reference at bf16
-tolerance (error vs an fp32 reference no more than 4x the bf16 reference's own, plus a few ulps).
+tolerance (error vs an fp32 reference no more than 4x the bf16 reference's own, plus a few ulps), and
+the rank-r part ``y - x·Wᵀ`` separately (its floor from its own size, so a dropped rank-r term fails).
 Results go to stdout as a table and to ``--out`` as JSON (with the autotuned configs).
 
     python scripts/bench_kernels.py --out bench_kernels.json
@@ -52,7 +59,9 @@ ADAPTER_SHAPES = [(8192, 4096)]
 DEV = "cuda"
 SMOKE = False  # --cpu-smoke: the whole script on CPU through the Triton interpreter, tiny shapes, no timing
 RANK, ALPHA, BOTTLENECK = 16, 32, 64
-TARGETS = {("lora", 8192, 4096, 4096): 1.10, ("lora", 16384, 2048, 2048): 1.25, ("adapter", 8192, 4096, 4096): 2.5}
+TARGETS = {("lora", 8192, 4096, 4096): 1.10, ("lora", 16384, 2048, 2048): 1.25, ("lora", 8192, 4096, 14336): 1.08,
+           ("adapter", 8192, 4096, 4096): 2.5}
+TARGET_ROWS = ("triton", "addmm", "dispatch")  # rows judged against the targets (fused, cuBLAS-backed, what lora_linear picks)
 
 
 def bench(step, params, x, dy, rep):
@@ -90,8 +99,13 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def check(name, fn_k, fn_r, inputs, dy):
-    """Liger-style: |triton - ref32| <= 4·|ref16 - ref32| + 8 ulp·max|ref32|, output and every grad."""
+def check(name, fn_k, fn_r, inputs, dy, names=None, base=None):
+    """Liger-style: |triton - ref32| <= 4·|ref16 - ref32| + 8 ulp·max|ref32|, output and every grad.
+
+    With ``base`` (x·Wᵀ in fp32 from the same inputs) the rank-r part ``y - x·Wᵀ`` is judged too, its floor
+    taken from its own size: with B·0.01 the rank-r term is ~1% of y, so the bound on y alone (6.25% of
+    max|y| from the floor) would pass a kernel that dropped it.
+    """
 
     def run(fn, dtype):
         ts = [t.detach().to(dtype).requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
@@ -101,11 +115,15 @@ def check(name, fn_k, fn_r, inputs, dy):
 
     ref32, ref16, got = run(fn_r, torch.float32), run(fn_r, torch.bfloat16), run(fn_k, torch.bfloat16)
     out, ok = [], True
-    for i, (g, r16, r32) in enumerate(zip(got, ref16, ref32)):
+    names = names or ["y"] + [f"grad{i}" for i in range(1, len(got))]
+    triples = list(zip(names, got, ref16, ref32))
+    if base is not None:  # the rank-r part: the same errors, the floor from max|y - x·Wᵀ|
+        triples.append(("y_rank_r", got[0], ref16[0], ref32[0], (ref32[0].double() - base.double()).abs().max().item()))
+    for tensor, g, r16, r32, *size in triples:
         e, e_ref = max_err(g, r32), max_err(r16, r32)
-        bound = 4 * e_ref + 8 * 2**-7 * r32.abs().max().item()
+        bound = 4 * e_ref + 8 * 2**-7 * (size[0] if size else r32.abs().max().item())
         ok &= bool(math.isfinite(e) and e <= bound)
-        out.append(dict(tensor="y" if i == 0 else f"grad{i}", err=e, ref_bf16_err=e_ref, bound=bound))
+        out.append(dict(tensor=tensor, err=e, ref_bf16_err=e_ref, bound=bound))
     print(f"  check {name}: {'PASS' if ok else 'FAIL'} "
           + ", ".join(f"{o['tensor']} {o['err']:.2e}/{o['bound']:.2e}" for o in out), flush=True)
     return dict(name=name, passed=ok, tensors=out)
@@ -132,7 +150,8 @@ def peft_lora(K, N, dev, dt):
 
 
 def run_lora(M, K, N, args, results, checks):
-    from lightning_peft.kernels import lora_linear_reference, lora_linear_triton
+    from lightning_peft.kernels import lora_linear, lora_linear_reference, lora_linear_triton
+    from lightning_peft.kernels.lora_addmm import lora_linear_addmm
 
     dev, dt = DEV, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -143,11 +162,14 @@ def run_lora(M, K, N, args, results, checks):
     dy = torch.randn(M, N, device=dev, dtype=dt, generator=g)
     s = ALPHA / RANK
 
-    checks.append(check(f"lora {M}x{K}->{N}",
-                        lambda x_, w_, a_, b_: lora_linear_triton(x_, w_, None, a_, b_, s),
-                        lambda x_, w_, a_, b_: lora_linear_reference(x_, w_, None, a_, b_, s),
-                        [x.detach().float().requires_grad_(), W.float(), A.detach().float().requires_grad_(),
-                         B.detach().float().requires_grad_()], dy.float()))
+    inputs = [x.detach().float().requires_grad_(), W.float(), A.detach().float().requires_grad_(),
+              B.detach().float().requires_grad_()]
+    base = F.linear(x.detach().double(), W.double())
+    for path, fn in (("fused", lora_linear_triton), ("addmm", lora_linear_addmm)):
+        checks.append(check(f"lora {path} {M}x{K}->{N}",
+                            lambda x_, w_, a_, b_, fn=fn: fn(x_, w_, None, a_, b_, s),
+                            lambda x_, w_, a_, b_: lora_linear_reference(x_, w_, None, a_, b_, s),
+                            inputs, dy.float(), names=["y", "dx", "dA", "dB"], base=base))
 
     rows = [("frozen_linear", lambda x_: F.linear(x_, W), [])]
     rows.append(("eager_reference", lambda x_: lora_linear_reference(x_, W, None, A, B, s), [A, B]))
@@ -155,6 +177,8 @@ def run_lora(M, K, N, args, results, checks):
         compiled = torch.compile(lora_linear_reference)
         rows.append(("compiled_reference", lambda x_: compiled(x_, W, None, A, B, s), [A, B]))
     rows.append(("triton", lambda x_: lora_linear_triton(x_, W, None, A, B, s), [A, B]))
+    rows.append(("addmm", lambda x_: lora_linear_addmm(x_, W, None, A, B, s), [A, B]))
+    rows.append(("dispatch", lambda x_: lora_linear(x_, W, None, A, B, s), [A, B]))
     if DEV == "cuda" and torch.cuda.get_device_capability()[0] >= 9:  # the default there is the TMA GEMM; compare without
         rows.append(("triton_no_tma", lambda x_: lora_linear_triton(x_, W, None, A, B, s), [A, B],
                      {"LIGHTNING_PEFT_TMA": "0"}))
@@ -196,6 +220,57 @@ def run_adapter(M, d, args, results, checks):
     measure("adapter", M, d, d, rows, x, dy, args, results)
 
 
+def run_gemm(M, K, N, args, results, checks):
+    """The bare GEMMs: our Triton GEMM (``lora._gemm`` without the rank-r epilogue) against cuBLAS, forward
+    ``x·Wᵀ`` vs ``F.linear`` and dgrad ``dy·W`` vs ``dy @ W``; the ratio says in one number whether the fused
+    path's GEMM can win (it needs ~0.97x of cuBLAS to meet the LoRA targets)."""
+    from lightning_peft.kernels import lora
+
+    dev, dt = DEV, torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    W = (torch.randn(N, K, device=dev, generator=g) / K**0.5).to(dt)
+    x = torch.randn(M, K, device=dev, generator=g).to(dt)
+    dy = torch.randn(M, N, device=dev, generator=g).to(dt)
+    ours_fwd = lambda: lora._gemm(x, W.t(), None, None, None, 1.0, dt)
+    ours_dgrad = lambda: lora._gemm(dy, W, None, None, None, 1.0, dt)
+    ok, parity = True, []
+    for op, ours, ref in (("fwd", ours_fwd, lambda: F.linear(x, W)), ("dgrad", ours_dgrad, lambda: dy @ W)):
+        exact = ref().double() if SMOKE else (x.double() @ W.double().t() if op == "fwd" else dy.double() @ W.double())
+        e, e_ref = max_err(ours(), exact), max_err(ref(), exact)
+        bound = 4 * e_ref + 2 * 2**-7 * exact.abs().max().item()
+        ok &= bool(math.isfinite(e) and e <= bound)
+        parity.append(dict(tensor=op, err=e, ref_bf16_err=e_ref, bound=bound))
+    checks.append(dict(name=f"gemm {M}x{K}->{N}", passed=ok, tensors=parity))
+    print(f"  check gemm {M}x{K}->{N}: {'PASS' if ok else 'FAIL'}", flush=True)
+    tma = DEV == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    for op, cublas, ours in (("fwd", lambda: F.linear(x, W), ours_fwd), ("dgrad", lambda: dy @ W, ours_dgrad)):
+        variants = [("cublas", cublas, {}), ("triton", ours, {})] + ([("triton_no_tma", ours, {"LIGHTNING_PEFT_TMA": "0"})] if tma else [])
+        floor = None
+        for name, fn, env in variants:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                t = time_fn(fn, args.rep)
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            floor = floor or t
+            results.append(dict(kind="gemm", name=f"{op}_{name}", M=M, K=K, N=N, fwd_ms=round(t, 4),
+                                ratio_fwd=round(t / floor, 3), tflops=round(2 * M * N * K / t / 1e9, 1)))
+            print(f"  gemm    {M:6d} {K:5d}->{N:<6d} {op}_{name:14s} {t:8.4f} ms  x{t / floor:5.3f}  "
+                  f"{2 * M * N * K / t / 1e9:7.1f} TFLOP/s", flush=True)
+
+
+def time_fn(fn, rep):
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=rep)
+
+
 def measure(kind, M, K, N, rows, x, dy, args, results):
     floor = None
     for name, step, params, *env in rows:
@@ -221,7 +296,7 @@ def measure(kind, M, K, N, rows, x, dy, args, results):
                  ratio_fwd=round(t_f / floor["fwd_ms"], 3),
                  mem_ratio=round(peak / floor["peak_extra_MiB"], 3) if floor["peak_extra_MiB"] else None)
         target = TARGETS.get((kind, M, K, N))
-        if name == "triton" and target is not None:
+        if name in TARGET_ROWS and target is not None:
             r["target_ratio"] = target
             r["meets_time_target"] = r["ratio_fwd_bwd"] <= target
             if kind == "lora":
@@ -249,7 +324,7 @@ def autotuned_configs():
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument("--only", choices=["lora", "adapter"], help="run one family")
+    ap.add_argument("--only", choices=["gemm", "lora", "adapter"], help="run one family")
     ap.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (slow to compile)")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -283,12 +358,24 @@ def main() -> int:
         env["peft"] = None
     print(json.dumps(env), flush=True)
     results, checks = [], []
+
+    def save(partial):  # after every shape, so that a run cut short by a time limit leaves what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(dict(env=env, partial=partial, results=results, checks=checks,
+                                                      autotuned=autotuned_configs()), indent=1))
+
+    if args.only in (None, "gemm"):
+        for M, K, N in LORA_SHAPES:
+            run_gemm(M, K, N, args, results, checks)
+            save(True)
     if args.only in (None, "lora"):
         for M, K, N in LORA_SHAPES:
             run_lora(M, K, N, args, results, checks)
+            save(True)
     if args.only in (None, "adapter"):
         for M, d in ADAPTER_SHAPES:
             run_adapter(M, d, args, results, checks)
+            save(True)
     print("\nsummary (ratios to the floor measured in the same run):")
     print(f"{'kind':8s}{'shape':>22s}  {'impl':19s}{'fwd+bwd':>9s}{'fwd':>8s}{'mem':>8s}  target")
     for r in results:
@@ -298,13 +385,13 @@ def main() -> int:
             tgt = f"<= {r['target_ratio']:.2f}: {'met' if r['meets_time_target'] else 'MISSED'}"
             if "meets_memory_target" in r:
                 tgt += f", memory {'met' if r['meets_memory_target'] else 'MISSED'}"
-        mem = f"{r['mem_ratio']:.2f}" if r["mem_ratio"] is not None else "-"
-        print(f"{r['kind']:8s}{shape:>22s}  {r['name']:19s}{r['ratio_fwd_bwd']:9.2f}{r['ratio_fwd']:8.2f}{mem:>8s}  {tgt}")
+        mem = f"{r['mem_ratio']:.2f}" if r.get("mem_ratio") is not None else "-"
+        fb = f"{r['ratio_fwd_bwd']:9.2f}" if "ratio_fwd_bwd" in r else f"{'-':>9s}"
+        print(f"{r['kind']:8s}{shape:>22s}  {r['name']:19s}{fb}{r['ratio_fwd']:8.2f}{mem:>8s}  {tgt}")
     ok = all(c["passed"] for c in checks)
     print(f"correctness at bf16 tolerance: {'PASS' if ok else 'FAIL'}")
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(env=env, results=results, checks=checks,
-                                                  autotuned=autotuned_configs()), indent=1))
+        save(False)
         print(f"wrote {args.out}")
     return 0 if ok else 1
 

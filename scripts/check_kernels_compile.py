@@ -12,6 +12,8 @@ non-zero if a kernel fails to compile or no config of a kernel fits the target.
 
     python scripts/check_kernels_compile.py                # sm_90, all configs, bf16 and fp32
     python scripts/check_kernels_compile.py --arch 80 --dtypes bf16 --first-config-only
+    python scripts/check_kernels_compile.py --arch 89 --dtypes bf16,fp32 --first-config-only \
+        --ranks 8,16,64,128 --bottlenecks 64,128,256 --masters    # what the tests run, on Ada
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class Recorder:
         return launch
 
 
-def record_launches(dtype: torch.dtype, tma: bool) -> list:
+def record_launches(dtype: torch.dtype, tma: bool, ranks=(16,), bottlenecks=(64,), masters: bool = False) -> list:
+    """The launches at the benchmark shapes (r=16: all three LoRA shapes; other ranks: 8192x4096->4096),
+    the bottleneck adapter at 8192x4096 for each m; ``masters``: fp32 adapter weights on 16-bit x."""
     from lightning_peft.kernels import bottleneck, lora
 
     os.environ[lora.TMA_ENV_VAR] = "1" if tma else "0"
@@ -60,18 +64,22 @@ def record_launches(dtype: torch.dtype, tma: bool) -> list:
             kernel = getattr(mod, n)
             setattr(mod, n, Recorder(n, kernel.kernel if isinstance(kernel, Recorder) else kernel, log))
     meta = dict(device="meta", dtype=dtype)
-    for (M, K, N) in [(8192, 4096, 4096), (16384, 2048, 2048), (8192, 4096, 14336)]:
+    wmeta = dict(device="meta", dtype=torch.float32 if masters else dtype)
+    shapes = [(r, M, K, N) for r in ranks
+              for (M, K, N) in ([(8192, 4096, 4096), (16384, 2048, 2048), (8192, 4096, 14336)] if r == 16 else [(8192, 4096, 4096)])]
+    for r, M, K, N in shapes:
         x = torch.empty(M, K, **meta, requires_grad=True)
         w = torch.empty(N, K, **meta)
-        a = torch.empty(16, K, **meta, requires_grad=True)
-        b = torch.empty(N, 16, **meta, requires_grad=True)
+        a = torch.empty(r, K, **wmeta, requires_grad=True)
+        b = torch.empty(N, r, **wmeta, requires_grad=True)
         lora.LoRALinearFunction.apply(x, None, w, None, a, b, 2.0).backward(torch.empty(M, N, **meta))
-    M, d, m = 8192, 4096, 64
-    params = [torch.empty(m, d, **meta), torch.empty(m, **meta), torch.empty(d, m, **meta), torch.empty(d, **meta)]
-    for p in params:
-        p.requires_grad_()
-    x = torch.empty(M, d, **meta, requires_grad=True)
-    bottleneck.AdapterBottleneckFunction.apply(x, *params, None, "gelu", 1.0).backward(torch.empty(M, d, **meta))
+    M, d = 8192, 4096
+    for m in bottlenecks:
+        params = [torch.empty(m, d, **wmeta), torch.empty(m, **wmeta), torch.empty(d, m, **wmeta), torch.empty(d, **wmeta)]
+        for p in params:
+            p.requires_grad_()
+        x = torch.empty(M, d, **meta, requires_grad=True)
+        bottleneck.AdapterBottleneckFunction.apply(x, *params, None, "gelu", 1.0).backward(torch.empty(M, d, **meta))
     if tma:  # the TMA variant only replaces the big GEMMs
         log = [entry for entry in log if entry[0] == "_gemm_lora_tma_kernel"]
     # one distinct launch per (kernel, specialisation)
@@ -159,13 +167,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100, 80 = A100)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
-    ap.add_argument("--first-config-only", action="store_true", help="compile one config per kernel (quick)")
+    ap.add_argument("--first-config-only", action="store_true",
+                    help="compile one config per kernel (quick): the one LIGHTNING_PEFT_AUTOTUNE=0 runs (the tests)")
+    ap.add_argument("--ranks", default="16", help="comma-separated LoRA ranks, e.g. 8,16,64,128")
+    ap.add_argument("--bottlenecks", default="64", help="comma-separated bottleneck sizes m, e.g. 64,128,256")
+    ap.add_argument("--masters", action="store_true", help="also fp32 adapter weights on the 16-bit dtypes")
     args = ap.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
+    bottlenecks = [int(m) for m in args.bottlenecks.split(",")]
     failures = 0
     for dname in args.dtypes.split(","):
-        launches = record_launches(DTYPES[dname], tma=False)
+        kw = dict(ranks=ranks, bottlenecks=bottlenecks)
+        launches = record_launches(DTYPES[dname], tma=False, **kw)
+        if args.masters and DTYPES[dname] != torch.float32:
+            launches += record_launches(DTYPES[dname], tma=False, masters=True, **kw)
         if args.arch >= 90 and DTYPES[dname] != torch.float32:
-            launches += record_launches(DTYPES[dname], tma=True)
+            launches += record_launches(DTYPES[dname], tma=True, **kw)
         for name, kernel, largs, lkwargs in launches:
             configs = kernel.configs[:1] if args.first_config_only else kernel.configs
             fitting = 0

@@ -28,6 +28,32 @@ def assert_like_reference(name: str, got: torch.Tensor, ref_lp: torch.Tensor, re
     )
 
 
+def base64(m: dict) -> torch.Tensor:
+    """``x·Wᵀ + bias`` in float64 on the CPU from LoRA masters ``m`` (the part of y without the rank-r term)."""
+    x, w = m["x"].double().cpu(), m["weight"].double().cpu()
+    b = m.get("bias")
+    return torch.nn.functional.linear(x, w, None if b is None else b.double().cpu())
+
+
+def assert_rank_r_like_reference(name: str, got: torch.Tensor, ref_lp: torch.Tensor, ref64: torch.Tensor,
+                                 base: torch.Tensor, factor: float = 4.0, floor_ulps: float = 8.0) -> None:
+    """The rank-r part ``y - x·Wᵀ`` (``base``: ``x·Wᵀ + bias`` in float64) judged alone.
+
+    The errors are y's (the base cancels), but the floor comes from the rank-r part's own size, not
+    y's: when the rank-r term is small next to ``x·Wᵀ`` (B·0.01 in the benchmarks), a floor of a few
+    ulps of max|y| would pass a kernel that dropped or mis-scaled it.
+    """
+    g, r, o, b = (t.double().cpu() for t in (got, ref_lp, ref64, base))
+    err = (g - o).abs().max().item()
+    ref_err = (r - o).abs().max().item()
+    size = max((o - b).abs().max().item(), 1e-30)
+    bound = factor * ref_err + floor_ulps * EPS[got.dtype] * size
+    assert err <= bound, (
+        f"{name}: rank-r part y - x·Wᵀ is off by {err:.3e}, beyond {bound:.3e} (reference's own {got.dtype} "
+        f"error {ref_err:.3e}, max |rank-r part| {size:.3e})"
+    )
+
+
 def leaves(tensors: dict, dtype, requires_grad: set, device=DEVICE) -> dict:
     """Fresh leaf copies of the float64 masters in ``dtype`` on ``device``."""
     out = {}

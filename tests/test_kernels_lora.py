@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from kernel_checks import CUDA, DEVICE, assert_like_reference, leaves, run_and_grads
+from kernel_checks import CUDA, DEVICE, assert_like_reference, assert_rank_r_like_reference, base64, leaves, run_and_grads
 
 from lightning_peft.kernels import (
     dispatch,
@@ -49,6 +49,8 @@ def compare(m, dy, dtype, trainable=("x", "lora_a", "lora_b"), factor=4.0, **kw)
     ylp, glp = run_and_grads(lora_linear_reference, leaves(m, dtype, req), dy, ORDER, scale=SCALE, **kw)
     yk, gk = run_and_grads(lora_linear_triton, leaves(m, dtype, req), dy, ORDER, scale=SCALE, **kw)
     assert_like_reference("y", yk, ylp, y64, factor)
+    if not kw.get("dropout_p"):
+        assert_rank_r_like_reference("y", yk, ylp, y64, base64(m), factor)
     assert set(gk) == set(g64) == req
     for name in sorted(req):
         assert gk[name].dtype == dtype
@@ -135,6 +137,19 @@ def test_only_lora_b_trainable_and_input_without_grad():
     m, dy = masters((9, 41), 41, 37, 5, True, seed=4)
     compare(m, dy, torch.float32, trainable=("lora_b",))
     compare(m, dy, torch.float32, trainable=("lora_a",))
+
+
+def test_the_rank_r_check_catches_a_dropped_rank_r_term_that_the_output_check_misses():
+    # B·0.02: the rank-r term is ~1% of y, inside the output check's floor (8 bf16 ulps of max|y|)
+    m, _ = masters((64, 9), 41, 37, 8, True, seed=13)
+    m["lora_b"] = m["lora_b"] * 0.02
+    args = lambda dtype: [leaves(m, dtype, set())[k] for k in ORDER]
+    y64, ylp = lora_linear_reference(*args(torch.float64), SCALE), lora_linear_reference(*args(torch.bfloat16), SCALE)
+    dropped = torch.nn.functional.linear(*args(torch.bfloat16)[:3])  # a kernel that forgot s·(x·Aᵀ)·Bᵀ
+    assert_like_reference("y", dropped, ylp, y64)
+    with pytest.raises(AssertionError, match="rank-r part"):
+        assert_rank_r_like_reference("y", dropped, ylp, y64, base64(m))
+    assert_rank_r_like_reference("y", ylp, ylp, y64, base64(m))
 
 
 def test_zero_b_gives_base_output_and_a_zero_grad_for_a():
@@ -353,6 +368,7 @@ def test_benchmark_shapes_bf16_on_gpu(monkeypatch, M, K, N):
     ylp, glp = run_and_grads(lora_linear_reference, leaves(m, torch.bfloat16, req, "cuda"), dy, ORDER, scale=2.0)
     yk, gk = run_and_grads(lora_linear_triton, leaves(m, torch.bfloat16, req, "cuda"), dy, ORDER, scale=2.0)
     assert_like_reference("y", yk, ylp, y32)
+    assert_rank_r_like_reference("y", yk, ylp, y32, base64({k: v.to(torch.bfloat16) if v is not None else v for k, v in m.items()}))
     for name in req:
         assert_like_reference(f"d{name}", gk[name], glp[name], g32[name])
 
@@ -407,6 +423,8 @@ def test_benchmark_script_runs_end_to_end_on_cpu(request, tmp_path):
     import json
 
     data = json.loads(out.read_text())
-    assert all(c["passed"] for c in data["checks"]) and len(data["checks"]) == 2
+    assert all(c["passed"] for c in data["checks"]) and len(data["checks"]) == 4  # gemm, lora fused/addmm, adapter
+    assert any(t["tensor"] == "y_rank_r" for c in data["checks"] for t in c["tensors"])
     names = {(r["kind"], r["name"]) for r in data["results"]}
-    assert {("lora", "frozen_linear"), ("lora", "triton"), ("adapter", "residual_floor"), ("adapter", "triton")} <= names
+    assert {("lora", "frozen_linear"), ("lora", "triton"), ("lora", "addmm"), ("lora", "dispatch"),
+            ("gemm", "fwd_cublas"), ("gemm", "dgrad_triton"), ("adapter", "residual_floor"), ("adapter", "triton")} <= names

@@ -282,6 +282,7 @@ def test_lora_layer_runs_the_fused_kernel_when_it_applies(monkeypatch):
     calls = []
     real = dispatch.lora_linear_triton
     monkeypatch.setattr(dispatch, "will_use_triton", lambda t: True)  # the interpreter stands in for a GPU
+    monkeypatch.setenv(dispatch.PATH_ENV_VAR, "fused")  # fp32 would take the cuBLAS-backed path
     monkeypatch.setattr(dispatch, "lora_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused = model(x)
     fused.square().sum().backward()

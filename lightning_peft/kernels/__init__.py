@@ -1,6 +1,6 @@
 """Fused Triton kernels for LoRA linear layers and bottleneck adapters, with PyTorch references.
 
-``lora_linear`` and ``adapter_bottleneck`` run the Triton kernels on CUDA tensors and the pure
+``lora_linear`` (fused GEMM or cuBLAS-backed, see ``lora_route``) and ``adapter_bottleneck`` run the Triton kernels on CUDA tensors and the pure
 PyTorch ``*_reference`` functions elsewhere (CPU, float64, under ``torch.compile``, or when turned
 off with ``use_kernels(False)`` / ``LIGHTNING_PEFT_KERNELS=0``). Importing this package does not
 import triton; the kernel modules (``lora``, ``bottleneck``) load on first use.
@@ -21,13 +21,15 @@ from .dispatch import (
     adapter_bottleneck_triton,
     kernels_enabled,
     lora_linear,
+    lora_linear_addmm,
     lora_linear_triton,
+    lora_route,
     set_kernels_enabled,
     triton_available,
     use_kernels,
     will_use_triton,
 )
-from .limits import MAX_BOTTLENECK, MAX_LORA_RANK
+from .limits import FUSED_MIN_ROWS, MAX_BOTTLENECK, MAX_LORA_RANK
 from .reference import (
     ACTIVATIONS,
     adapter_bottleneck_reference,
@@ -36,6 +38,7 @@ from .reference import (
 
 __all__ = [
     "ACTIVATIONS",
+    "FUSED_MIN_ROWS",
     "MAX_BOTTLENECK",
     "MAX_LORA_RANK",
     "adapter_bottleneck",
@@ -43,8 +46,10 @@ __all__ = [
     "adapter_bottleneck_triton",
     "kernels_enabled",
     "lora_linear",
+    "lora_linear_addmm",
     "lora_linear_reference",
     "lora_linear_triton",
+    "lora_route",
     "set_kernels_enabled",
     "triton_available",
     "use_kernels",

@@ -7,6 +7,8 @@ Precision scheme used by every kernel (fp32 accumulation throughout):
   and accumulates in fp32.
 * fp32 inputs: fp32 operands; TF32 is used only when ``torch.backends.cuda.matmul.allow_tf32``
   is set, as for ``F.linear``.
+* fp32 adapter masters on 16-bit inputs (``check_dtypes(..., masters=...)``): their operands are
+  rounded to the input dtype like everything else, and their gradients are the fp32 sums, stored fp32.
 * float64 (interpreter only, for ``gradcheck``): float64 everywhere.
 * Under ``TRITON_INTERPRET=1`` bf16 arithmetic is broken, so bf16 operands are rounded to bf16 and
   then widened to fp32 before the dot (the same products and fp32 sums as a bf16 MMA).
@@ -22,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import autocast_cast  # noqa: F401  (re-exported for the kernel modules)
+
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 #: ``LIGHTNING_PEFT_AUTOTUNE=0`` launches every kernel with its first config instead of timing
@@ -29,6 +33,7 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 AUTOTUNE_ENV_VAR = "LIGHTNING_PEFT_AUTOTUNE"
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,13 @@ def precision_for(dtype: torch.dtype) -> Precision:
     )
 
 
-def check_dtypes(name_tensors: dict, device: torch.device) -> torch.dtype:
-    """All tensors share one supported dtype and ``device``; returns the dtype."""
+def check_dtypes(name_tensors: dict, device: torch.device, masters: tuple[str, ...] = ()) -> torch.dtype:
+    """All tensors share one supported dtype and ``device``; returns the dtype.
+
+    The tensors named in ``masters`` may instead be float32 when that dtype is fp16/bf16 (fp32
+    adapter masters: the kernels round their operands to the 16-bit dtype, accumulate in fp32 and
+    return their gradients in fp32).
+    """
     first_name, first = next(iter(name_tensors.items()))
     dtype = first.dtype
     allowed = _SUPPORTED + ((torch.float64,) if INTERPRET else ())
@@ -69,7 +79,7 @@ def check_dtypes(name_tensors: dict, device: torch.device) -> torch.dtype:
     for name, t in name_tensors.items():
         if t is None:
             continue
-        if t.dtype != dtype:
+        if t.dtype != dtype and not (name in masters and t.dtype == torch.float32 and dtype in _HALF):
             raise TypeError(
                 f"dtype mismatch: {first_name} is {dtype} but {name} is {t.dtype}; cast them to one "
                 "dtype or run under torch.autocast"
@@ -92,18 +102,6 @@ def check_device(t: torch.Tensor) -> None:
         )
 
 
-def autocast_cast(device_type: str, *tensors):
-    """Cast floating tensors to the autocast dtype when autocast is on for ``device_type``.
-
-    Done outside the autograd.Function, so gradients flow back to the original dtype as with
-    ``F.linear`` under autocast.
-    """
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dt = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dt) if (t is not None and t.is_floating_point()) else t for t in tensors)
-
-
 def prune_configs(configs, named_args, **kwargs):
     """``early_config_prune`` hook of every autotuned kernel: all configs, or the first one when
     ``LIGHTNING_PEFT_AUTOTUNE`` is ``0`` (read on every call that would autotune)."""
@@ -120,6 +118,12 @@ def num_sms(device: torch.device) -> int:
 
 def next_pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key for a row count (tokens): the next power of two (at least 128), so padded batches
+    of varying length share one tuned config per bucket instead of re-tuning for every new length."""
+    return next_pow2(m, 128)
 
 
 @triton.jit

@@ -7,6 +7,10 @@ The kernels run when all of these hold, otherwise the reference does (same math,
 * ``x`` is a CUDA tensor of dtype float16, bfloat16 or float32 and triton imports;
 * the call is not being traced by ``torch.compile`` (the compiler then sees plain PyTorch);
 * the sizes are within the kernels' limits (:mod:`.limits`: LoRA rank ``r <= 128``, bottleneck ``m <= 256``).
+
+LoRA then has two kernel paths (:func:`lora_route`): the fused GEMM of :mod:`.lora` (the rank-r term
+in the epilogue of our Triton GEMM) and the cuBLAS-backed path of :mod:`.lora_addmm` (skinny Triton
+kernels for the rank-r terms, ``addmm`` with beta=1 for the big GEMMs).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .limits import KERNEL_DTYPES, MAX_BOTTLENECK, MAX_LORA_RANK
+from .limits import FUSED_MIN_ROWS, KERNEL_DTYPES, MAX_BOTTLENECK, MAX_LORA_RANK
+from .lora_addmm import lora_linear_addmm  # triton-free: its Triton skinny kernels load on first use
 from .reference import adapter_bottleneck_reference, lora_linear_reference
 
 __all__ = [
@@ -28,7 +33,9 @@ __all__ = [
     "adapter_bottleneck_triton",
     "kernels_enabled",
     "lora_linear",
+    "lora_linear_addmm",
     "lora_linear_triton",
+    "lora_route",
     "set_kernels_enabled",
     "triton_available",
     "use_kernels",
@@ -37,6 +44,10 @@ __all__ = [
 
 ENV_VAR = "LIGHTNING_PEFT_KERNELS"
 _OFF = {"0", "false", "off", "no"}
+
+#: ``fused`` or ``addmm`` forces that LoRA kernel path wherever the kernels run (benchmarks); unset or
+#: ``auto``: :func:`lora_route`'s rules.
+PATH_ENV_VAR = "LIGHTNING_PEFT_LORA_PATH"
 
 _override: bool | None = None  # set by use_kernels / set_kernels_enabled; None: the env var decides
 
@@ -143,6 +154,33 @@ def adapter_bottleneck_triton(
     return fn(x, w_down, b_down, w_up, b_up, activation, scale, residual)
 
 
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def lora_route(x: Tensor, lora_a: Tensor, needs_grad: bool) -> str:
+    """The path of a :func:`lora_linear` call: ``"reference"``, ``"addmm"`` or ``"fused"``.
+
+    * ``"reference"``: :func:`will_use_triton` says no (CPU, float64, kernels off, compiling, no
+      triton), or ``r > 128``;
+    * ``"addmm"`` (cuBLAS for the big GEMMs): fp32 ``x`` (the fused GEMM would run fp32 dots off the
+      tensor cores), no gradient needed (``no_grad``/inference, eval, everything frozen), fewer than
+      ``FUSED_MIN_ROWS`` rows (decoding), or a GPU other than Hopper (compute capability 9.x);
+    * ``"fused"``: the rest, fp16/bf16 training steps of many rows on Hopper.
+
+    ``LIGHTNING_PEFT_LORA_PATH=fused|addmm`` forces a kernel path where the kernels run.
+    """
+    if not will_use_triton(x) or lora_a.dim() != 2 or lora_a.shape[0] > MAX_LORA_RANK:
+        return "reference"
+    forced = os.environ.get(PATH_ENV_VAR, "auto").strip().lower()
+    if forced in ("fused", "addmm"):
+        return forced
+    rows = x.numel() // max(1, x.shape[-1])
+    if x.dtype == torch.float32 or not needs_grad or rows < FUSED_MIN_ROWS or _capability(x.device)[0] != 9:
+        return "addmm"
+    return "fused"
+
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -154,7 +192,7 @@ def lora_linear(
 ) -> Tensor:
     """LoRA linear ``y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ``, differentiable in every tensor argument.
 
-    Fused Triton kernels on CUDA (see the module docstring for when), else
+    Triton kernels on CUDA, fused or cuBLAS-backed (:func:`lora_route` says which), else
     :func:`~lightning_peft.kernels.reference.lora_linear_reference`. Shapes: ``x`` ``(..., K)``,
     ``weight`` ``(N, K)``, ``bias`` ``(N,)`` or ``None``, ``lora_a`` ``(r, K)``, ``lora_b`` ``(N, r)``;
     returns ``(..., N)``. Gradients: ``dx = dy·W + drop'(dh·A)`` with ``dh = s·dy·B`` ``(M, r)``,
@@ -167,8 +205,13 @@ def lora_linear(
         >>> lora_linear(x, w, None, a, b, scale=0.5).shape
         torch.Size([2, 5, 6])
     """
-    if will_use_triton(x) and lora_a.dim() == 2 and lora_a.shape[0] <= MAX_LORA_RANK:
+    tensors = (x, weight, bias, lora_a, lora_b)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    route = lora_route(x, lora_a, needs_grad)
+    if route == "fused":
         return lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    if route == "addmm":
+        return lora_linear_addmm(x, weight, bias, lora_a, lora_b, scale, dropout_p)
     return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p)
 
 

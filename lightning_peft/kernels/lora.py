@@ -42,6 +42,7 @@ from ._triton_common import (
     check_device,
     check_dtypes,
     device_guard,
+    m_bucket,
     next_pow2,
     num_sms,
     precision_for,
@@ -64,6 +65,9 @@ def _gemm_configs():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     c = triton.Config
     return [
+        # first: the config LIGHTNING_PEFT_AUTOTUNE=0 pins (the tests), small enough for every GPU from sm_80
+        # (99 KiB of shared memory on sm_86/89) at r=128 and in fp32 (scripts/check_kernels_compile.py)
+        c({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4),
         c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
         c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
         c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
@@ -81,12 +85,12 @@ def _gemm_configs():
 _ROW_ALIGN = 128
 
 
-def _skinny_configs():
+def _skinny_configs():  # the first config of each list is the small one LIGHTNING_PEFT_AUTOTUNE=0 pins
     if INTERPRET:
         return [triton.Config({"BLOCK_I": 64, "BLOCK_L": 128}, num_warps=4)]
     c = triton.Config
     return [c({"BLOCK_I": bi, "BLOCK_L": bl}, num_warps=w, num_stages=st)
-            for bi, bl, w, st in [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3),
+            for bi, bl, w, st in [(32, 32, 4, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3),
                                   (128, 64, 8, 3), (32, 64, 4, 4)]]
 
 
@@ -95,7 +99,7 @@ def _dy_configs():
         return [triton.Config({"BLOCK_M": 128}, num_warps=4)]
     c = triton.Config
     return [c({"BLOCK_M": bm}, num_warps=w, num_stages=st)
-            for bm, w, st in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 8, 4)]]
+            for bm, w, st in [(16, 4, 2), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 8, 4)]]
 
 
 @triton.jit
@@ -248,14 +252,14 @@ def _gemm_lora_tma_kernel(
                    DT, HAS_LORA, HAS_BIAS, BLOCK_R, ACC, LOW_PREC, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N)
 
 
-@triton.autotune(configs=_skinny_configs(), key=["I_BUCKET", "L", "stride_pl", "BLOCK_R"],
+@triton.autotune(configs=_skinny_configs(), key=["I_BUCKET", "L_BUCKET", "stride_pl", "BLOCK_R"],
                   prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _skinny_kernel(
     p_ptr, q_ptr, out_ptr,
     I, L, R, L_PER_SPLIT,
     stride_pi, stride_pl, stride_ql, stride_qr, stride_os, stride_oi, stride_or,
-    I_BUCKET,  # autotune key only
+    I_BUCKET, L_BUCKET,  # autotune key only: M is I (for h) or L (for dA); buckets, so new lengths do not re-tune
     ACC: tl.constexpr, LOW_PREC: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -385,7 +389,7 @@ def _gemm(a: Tensor, b_t: Tensor, lo: Tensor | None, up_t: Tensor | None, bias: 
         if bias is not None:
             c += bias
         if lo is not None:
-            c.addmm_(lo.to(out_dtype), up_t, alpha=scale)
+            c.addmm_(lo.to(out_dtype), up_t.to(out_dtype), alpha=scale)
         return c
     prec = precision_for(a.dtype)
     has_lora = lo is not None
@@ -401,7 +405,7 @@ def _gemm(a: Tensor, b_t: Tensor, lo: Tensor | None, up_t: Tensor | None, bias: 
         up_t.stride(0) if has_lora else 0, up_t.stride(1) if has_lora else 0,
         c.stride(0), c.stride(1),
         float(scale),
-        next_pow2(M),
+        m_bucket(M),
     )
     meta = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=next_pow2(R) if has_lora else 16,
                 ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision)
@@ -456,7 +460,7 @@ def _skinny(p: Tensor, q: Tensor, split: bool = False) -> Tensor:
     _skinny_kernel[grid](
         p, q, out, I, L, R, l_per,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        next_pow2(I),
+        m_bucket(I), m_bucket(L),
         ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision,
         BLOCK_R=next_pow2(R),
     )
@@ -483,7 +487,7 @@ def _dy_pass(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tenso
         dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1),
         dh_part.stride(0), dh_part.stride(1), dh_part.stride(2),
         db_part.stride(0), db_part.stride(1), db_part.stride(2),
-        next_pow2(M),
+        m_bucket(M),
         ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision,
         BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
     )
@@ -511,6 +515,7 @@ class LoRALinearFunction(torch.autograd.Function):
             h = _skinny(branch, lora_a.t())  # (M, r) fp32: x̃·Aᵀ
             y = _gemm(x, weight.t(), h, lora_b.t(), bias, scale, x.dtype)
         ctx.scale = scale
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, xd, weight, lora_a, lora_b, h)
         return y
 
@@ -536,11 +541,11 @@ class LoRALinearFunction(torch.autograd.Function):
                 else:
                     dx = _gemm(dy, weight, None, None, None, 1.0, x.dtype)
             if need_xd:
-                dxd = torch.mm(dh.to(x.dtype), lora_a)  # dropout fallback: torch applies the mask
+                dxd = torch.mm(dh.to(x.dtype), lora_a.to(x.dtype))  # dropout fallback: torch applies the mask
             if need_w:
                 dw = torch.mm(dy.t(), x)
             if need_bias:
-                dbias = dy.sum(0)
+                dbias = dy.sum(0, dtype=ctx.bias_dtype)
         if db is not None:
             db = db.to(lora_b.dtype) if need_b else None
         return dx, dxd, dw, dbias, da, db, None
@@ -559,7 +564,9 @@ def lora_linear_triton(
 
     Runs on CUDA tensors, or on CPU under ``TRITON_INTERPRET=1``. Checks shapes (ValueError),
     dtypes and devices (TypeError/ValueError) and the rank (``r <= 128``). Under ``torch.autocast``
-    the inputs are cast to the autocast dtype first, as ``F.linear`` does.
+    the inputs are cast to the autocast dtype first, as ``F.linear`` does. ``bias``, ``lora_a`` and
+    ``lora_b`` may be fp32 masters on a 16-bit ``x``/``weight``: their operands are rounded to x's
+    dtype inside the kernels and their gradients come back in fp32 (fp32 sums, never 16-bit ones).
     """
     check_lora_args(x, weight, bias, lora_a, lora_b)
     r = lora_a.shape[0]
@@ -570,7 +577,8 @@ def lora_linear_triton(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     check_device(x)
     x, weight, bias, lora_a, lora_b = autocast_cast(x.device.type, x, weight, bias, lora_a, lora_b)
-    check_dtypes({"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b}, x.device)
+    check_dtypes({"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b}, x.device,
+                 masters=("bias", "lora_a", "lora_b"))
     n, k = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

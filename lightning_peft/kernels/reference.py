@@ -17,10 +17,14 @@ __all__ = [
     "ACTIVATIONS",
     "activation_fn",
     "adapter_bottleneck_reference",
+    "autocast_cast",
     "check_adapter_args",
     "check_lora_args",
+    "check_master_dtypes",
     "lora_linear_reference",
 ]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU, as nn.GELU()
@@ -42,6 +46,33 @@ def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
 
 def _shape(t: Tensor | None) -> str:
     return "None" if t is None else str(tuple(t.shape))
+
+
+def check_master_dtypes(compute: Tensor, compute_name: str, adapters: dict[str, Tensor | None]) -> None:
+    """Each adapter-side tensor has ``compute``'s dtype, or float32 when that is fp16/bf16 (fp32 masters).
+
+    Raises a TypeError naming the first tensor that fits neither. Mixed calls compute in the 16-bit
+    dtype (operands rounded to it, fp32 accumulation) and return the masters' gradients in fp32.
+    """
+    for name, t in adapters.items():
+        if t is None or t.dtype == compute.dtype or (t.dtype == torch.float32 and compute.dtype in _HALF):
+            continue
+        raise TypeError(
+            f"dtype mismatch: {compute_name} is {compute.dtype} but {name} is {t.dtype}; cast them to one "
+            "dtype (float32 adapter masters on a float16/bfloat16 input are accepted) or run under torch.autocast"
+        )
+
+
+def autocast_cast(device_type: str, *tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for ``device_type``.
+
+    Done outside the autograd.Function, so gradients flow back to the original dtype as with
+    ``F.linear`` under autocast.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dt = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dt) if (t is not None and t.is_floating_point()) else t for t in tensors)
 
 
 def check_lora_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor) -> None:
@@ -111,7 +142,11 @@ def lora_linear_reference(
         dropout_p: dropout on the LoRA branch input, applied whenever ``> 0`` (pass ``0.0`` in eval).
 
     Returns:
-        ``(..., N)``.
+        ``(..., N)`` in x's dtype.
+
+    Adapter masters wider than x (``lora_a``, ``lora_b``, ``bias`` in fp32 on a 16-bit ``x`` and
+    ``weight``): the rank-r branch and the bias run in fp32 and y is rounded once to x's dtype, so
+    their gradients are fp32 results, not 16-bit ones widened (as HF PEFT's fp32 adapters).
 
     Gradients (autograd), with ``x̃ = drop(x)``, ``h = x̃·Aᵀ`` ``(M, r)`` and ``dh = s·dy·B`` ``(M, r)``:
     ``dx = dy·W + drop'(dh·A)`` ``(M, K)``, ``dA = dhᵀ·x̃`` ``(r, K)``, ``dB = s·dyᵀ·h`` ``(N, r)``,
@@ -126,10 +161,19 @@ def lora_linear_reference(
     check_lora_args(x, weight, bias, lora_a, lora_b)
     n = weight.shape[0]
     lead = x.shape[:-1]
-    base = F.linear(x, weight, bias).reshape(-1, n)
     xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    h = F.linear(xd, lora_a).reshape(-1, lora_a.shape[0])
-    return torch.addmm(base, h, lora_b.t(), alpha=scale).reshape(*lead, n)
+    wide = torch.promote_types(torch.promote_types(x.dtype, lora_a.dtype), lora_b.dtype)
+    wide = wide if bias is None else torch.promote_types(wide, bias.dtype)
+    if wide == x.dtype or torch.is_autocast_enabled(x.device.type):
+        base = F.linear(x, weight, bias).reshape(-1, n)  # one dtype (or autocast): as it reads
+        h = F.linear(xd, lora_a).reshape(-1, lora_a.shape[0])
+        return torch.addmm(base, h, lora_b.t(), alpha=scale).reshape(*lead, n)
+    # fp32 masters on a 16-bit x: the branch (and an fp32 bias) in fp32, one rounding to x's dtype
+    base = F.linear(x, weight, bias if bias is None or bias.dtype == x.dtype else None).reshape(-1, n).to(wide)
+    if bias is not None and bias.dtype != x.dtype:
+        base = base + bias
+    h = F.linear(xd.to(wide), lora_a.to(wide)).reshape(-1, lora_a.shape[0])
+    return torch.addmm(base, h, lora_b.to(wide).t(), alpha=scale).to(x.dtype).reshape(*lead, n)
 
 
 def adapter_bottleneck_reference(
@@ -154,7 +198,10 @@ def adapter_bottleneck_reference(
             tensor is the parallel-adapter placement (``y = sublayer(x) + s·adapter(x)``).
 
     Returns:
-        ``(..., d)``.
+        ``(..., d)``, in the promoted dtype of x and the residual (the activations').
+
+    Weights wider than x (fp32 masters on 16-bit activations): the branch and the add run in fp32,
+    y is rounded once, and the weights' gradients are fp32 results.
 
     Gradients (autograd), with ``z = x·W_downᵀ + b_down`` ``(M, m)``, ``a = act(z)`` and
     ``dz = s·(dy·W_up) ⊙ act'(z)`` ``(M, m)``: ``dW_up = s·dyᵀ·a`` ``(d, m)``, ``db_up = s·Σ_rows dy``
@@ -169,5 +216,10 @@ def adapter_bottleneck_reference(
     """
     act = activation_fn(activation)
     check_adapter_args(x, w_down, b_down, w_up, b_up, residual)
-    out = F.linear(act(F.linear(x, w_down, b_down)), w_up, b_up)
-    return torch.add(x if residual is None else residual, out, alpha=scale)
+    res = x if residual is None else residual
+    if x.dtype == w_down.dtype or torch.is_autocast_enabled(x.device.type):
+        out = F.linear(act(F.linear(x, w_down, b_down)), w_up, b_up)
+        return torch.add(res, out, alpha=scale)
+    # fp32 masters on 16-bit activations: the branch and the add in fp32, y in the activations' dtype
+    out = F.linear(act(F.linear(x.to(w_down.dtype), w_down, b_down)), w_up, b_up)
+    return torch.add(res, out, alpha=scale).to(torch.promote_types(x.dtype, res.dtype))

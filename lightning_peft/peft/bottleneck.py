@@ -174,13 +174,22 @@ class Bottleneck(nn.Module):
         self.dropout = nn.Dropout(spec["dropout"]) if spec.get("dropout", 0.0) > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + s·up(act(down(drop(x))))``, returned in the residual's dtype."""
-        dtype = residual.dtype
-        if x.dtype != self.down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            x, residual = x.to(self.down.weight.dtype), residual.to(self.down.weight.dtype)
+        """``residual + s·up(act(down(drop(x))))``, returned in the residual's dtype.
+
+        Activations stay in their dtype (fp32 weights on a 16-bit base are masters: the kernel rounds their
+        operands and returns fp32 gradients), and a serial adapter (``x is residual``, no active dropout)
+        takes the kernel's residual-is-x path: ``y = x + s·adapter(x)`` in one pass, ``dx`` with ``dy`` folded in.
+        """
+        dtype, w = residual.dtype, self.down.weight.dtype
+        half = (torch.float16, torch.bfloat16)
+        if x.dtype != w and not (w == torch.float32 and x.dtype in half) and not torch.is_autocast_enabled(x.device.type):
+            x, residual = x.to(w), (None if residual is x else residual.to(w))
+            residual = x if residual is None else residual
+        dropping = isinstance(self.dropout, nn.Dropout) and self.dropout.training
+        serial = residual is x and not dropping
         out = adapter_bottleneck(
-            self.dropout(x), self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-            activation=self.activation, scale=self.scale, residual=residual,
+            x if serial else self.dropout(x), self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+            activation=self.activation, scale=self.scale, residual=None if serial else residual,
         )
         return out.to(dtype)
 

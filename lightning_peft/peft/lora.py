@@ -384,7 +384,8 @@ class LoRALayer(AdapterLayer):
         epilogue, saving only x and x·Aᵀ for backward) and :func:`~lightning_peft.kernels.lora_linear_reference`
         elsewhere; with ``LoRAConfig(use_kernels=False)`` the reference always. Kernels are also turned off
         by ``use_kernels(False)`` and ``LIGHTNING_PEFT_KERNELS=0``. Adapters in fp32 on a half-precision base
-        are cast to x's dtype (the kernels accumulate in fp32). DoRA adapters take the reference path of
+        go in as they are: the branch computes from x's dtype with fp32 sums and their gradients come back
+        in fp32 (as HF PEFT's); other adapter dtypes are cast to x's. DoRA adapters take the reference path of
         :meth:`LoRA.forward` (no fused kernel).
         """
         if len(routes) != 1 or x.shape[-1] == 0 or not x.is_floating_point():
@@ -399,9 +400,10 @@ class LoRALayer(AdapterLayer):
 
         base = self.base_layer
         a, b, bias = adapter.lora_A, adapter.lora_B, base.bias
+        masters = a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)  # fp32 grads for fp32 adapters
         if adapter.bias_delta is not None:
-            bias = adapter.bias_delta if bias is None else bias + adapter.bias_delta.to(bias.dtype)
-        if not torch.is_autocast_enabled(x.device.type):  # fp32 adapters on a half-precision base: compute in x's dtype
+            bias = adapter.bias_delta if bias is None else bias + (adapter.bias_delta if masters else adapter.bias_delta.to(bias.dtype))
+        if not torch.is_autocast_enabled(x.device.type) and not masters:
             a, b = a.to(x.dtype), b.to(x.dtype)
             bias = bias.to(x.dtype) if bias is not None else None
         p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) and self.training else 0.0

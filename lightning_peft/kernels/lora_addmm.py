@@ -1,0 +1,165 @@
+"""LoRA linear on cuBLAS: skinny kernels for the rank-r terms, ``addmm`` with beta=1 for the big GEMMs.
+
+The second path of :func:`~lightning_peft.kernels.lora_linear` beside the fused GEMM of :mod:`.lora`,
+taken for fp32 inputs, calls without gradients, small M and GPUs other than Hopper
+(:func:`~lightning_peft.kernels.dispatch.lora_route` decides). ``W + B·A`` is never formed.
+
+Shapes: ``x`` ``(M, K)`` (leading dims flattened), ``W`` ``(N, K)``, ``bias`` ``(N,)``, ``A`` ``(r, K)``,
+``B`` ``(N, r)``, ``s`` a float, ``x̃ = drop(x)``.
+
+Forward: ``u = x̃·Aᵀ`` ``(M, r)`` (skinny, fp32 sums and result), ``t = s·u·Bᵀ (+ bias)`` ``(M, N)``
+(a GEMM of inner size r), then ``y = t + x·Wᵀ``: cuBLAS ``addmm_`` into t with beta=1.
+
+Backward, saved x (x̃ with dropout) and u only: ``(dh, dB) = (s·dy·B, s·dyᵀ·u)`` from one read of dy,
+``dx = dh·A + dy·W`` (``dh·A`` first, then cuBLAS ``addmm_`` into it), ``dA = dhᵀ·x̃`` ``(r, K)``
+(skinny, split along M); ``dW = dyᵀ·x`` and ``dbias = Σ_rows dy`` when the base trains. With dropout,
+``dx = dy·W`` and ``dx̃ = dh·A`` (torch's dropout backward applies the mask).
+
+The skinny ops are the Triton kernels of :mod:`.lora` (``ops="triton"``: CUDA, or CPU under the
+interpreter) or their PyTorch references :func:`skinny_torch` / :func:`dy_pass_torch` (``ops="torch"``,
+any device): the same precision, operands rounded to x's dtype and fp32 sums and results.
+This module does not import triton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .limits import MAX_LORA_RANK
+from .reference import autocast_cast, check_lora_args, check_master_dtypes
+
+__all__ = ["LoRAAddmmFunction", "dy_pass_torch", "lora_linear_addmm", "skinny_torch"]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def skinny_torch(p: Tensor, q: Tensor, split: bool = False) -> Tensor:
+    """``p·q`` ``(I, R)`` for a long-by-small ``q`` ``(L, R)``: operands in p's dtype, fp32 sums and result.
+
+    The reference of the Triton skinny kernel (``split`` only changes how the kernel divides L).
+    """
+    acc = _acc(p.dtype)
+    return p.to(acc) @ q.to(p.dtype).to(acc)
+
+
+def dy_pass_torch(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(dh, dB) = (s·dy·B, s·dyᵀ·h)`` ``((M, r), (N, r))``: operands in dy's dtype, fp32 sums and results."""
+    acc = _acc(dy.dtype)
+    d = dy.to(acc)
+    return (d @ lora_b.to(dy.dtype).to(acc)) * scale, (d.t() @ h.to(dy.dtype).to(acc)) * scale
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class LoRAAddmmFunction(torch.autograd.Function):
+    """Autograd wrapper of the path (module docstring); 2-D inputs, ``ops = (skinny, dy_pass)``."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, xd, weight, bias, lora_a, lora_b, scale, ops):
+        skinny, _ = ops
+        dt = x.dtype
+        with _device_guard(x):
+            u = skinny(x if xd is None else xd, lora_a.t())  # (M, r) fp32: x̃·Aᵀ
+            us, bt = (u * scale).to(dt), lora_b.to(dt).t()
+            y = torch.mm(us, bt) if bias is None else torch.addmm(bias.to(dt), us, bt)  # the rank-r output
+            y.addmm_(x, weight.t())  # beta=1: cuBLAS accumulates x·Wᵀ onto it
+        ctx.scale, ctx.ops = scale, ops
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, xd, weight, lora_a, lora_b, u)
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x, xd, weight, lora_a, lora_b, u = ctx.saved_tensors
+        need_x, need_xd, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+        skinny, dy_pass = ctx.ops
+        s, dt = ctx.scale, x.dtype
+        dx = dxd = dw = dbias = da = db = None
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        with _device_guard(dy):
+            if need_a or need_b or need_x or need_xd:
+                dh, db = dy_pass(dy, u, lora_b, s)  # dh = s·dy·B, dB = s·dyᵀ·u
+                db = db.to(lora_b.dtype) if need_b else None
+            if need_a:  # dA = dhᵀ·x̃, as (x̃ᵀ·dh)ᵀ
+                da = skinny((x if xd is None else xd).t(), dh, split=True).t().to(lora_a.dtype).contiguous()
+            if need_x or need_xd:
+                rank = torch.mm(dh.to(dt), lora_a.to(dt))  # dh·A (M, K)
+                if xd is None:
+                    dx = rank.addmm_(dy, weight)  # beta=1: cuBLAS accumulates dy·W onto it
+                else:
+                    dxd = rank if need_xd else None
+                    dx = torch.mm(dy, weight) if need_x else None
+            if need_w:
+                dw = torch.mm(dy.t(), x)
+            if need_bias:
+                dbias = dy.sum(0, dtype=ctx.bias_dtype)
+        return dx, dxd, dw, dbias, da, db, None, None
+
+
+def lora_linear_addmm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    ops: str = "auto",
+) -> Tensor:
+    """:func:`~lightning_peft.kernels.reference.lora_linear_reference` on cuBLAS with skinny rank-r kernels.
+
+    ``ops``: ``"triton"`` (the Triton skinny kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``; ``r <= 128``),
+    ``"torch"`` (their references, any device) or ``"auto"`` (Triton for CUDA tensors when it imports).
+    ``x`` and ``weight`` share a dtype; ``bias``, ``lora_a``, ``lora_b`` have it too or are fp32 masters on a
+    16-bit x (gradients then in fp32). Under ``torch.autocast`` the inputs are cast first, as ``F.linear`` does.
+
+    Example:
+        >>> x, w = torch.randn(2, 5, 8), torch.randn(6, 8)
+        >>> a, b = torch.randn(4, 8), torch.randn(6, 4)
+        >>> from lightning_peft.kernels import lora_linear_reference
+        >>> y = lora_linear_addmm(x, w, None, a, b, 0.5, ops="torch")
+        >>> torch.allclose(y, lora_linear_reference(x, w, None, a, b, 0.5), atol=1e-5)
+        True
+    """
+    check_lora_args(x, weight, bias, lora_a, lora_b)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if ops == "auto":
+        from .dispatch import triton_available
+
+        ops = "triton" if x.is_cuda and triton_available() else "torch"
+    if ops == "triton":
+        if lora_a.shape[0] > MAX_LORA_RANK:
+            raise ValueError(f"LoRA rank r={lora_a.shape[0]} is larger than the Triton kernels' maximum {MAX_LORA_RANK}")
+        from ._triton_common import check_device
+        from .lora import _dy_pass, _skinny
+
+        check_device(x)
+        fns = (_skinny, _dy_pass)
+    elif ops == "torch":
+        fns = (skinny_torch, dy_pass_torch)
+    else:
+        raise ValueError(f"ops must be 'auto', 'triton' or 'torch', got {ops!r}")
+    x, weight, bias, lora_a, lora_b = autocast_cast(x.device.type, x, weight, bias, lora_a, lora_b)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but weight is {weight.dtype}; cast them to one dtype")
+    check_master_dtypes(x, "x", {"bias": bias, "lora_a": lora_a, "lora_b": lora_b})
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xd = F.dropout(x2, dropout_p, training=True) if dropout_p > 0 else None
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRAAddmmFunction.apply(x2, xd, weight, bias, lora_a, lora_b, float(scale), fns)
+    return y.reshape(*lead, n)
