@@ -17,25 +17,13 @@ import copy
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_llm_step.py
 
-
-def interleaved_medians(steps: dict[str, object], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn (a, b, c, a, b, c, ...)."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+from bench_llm_step import interleaved_medians  # one timing loop for the benchmark scripts
 
 
 def main() -> None:
