@@ -16,7 +16,6 @@ Precision scheme used by every kernel (fp32 accumulation throughout):
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import autocast_cast  # noqa: F401  (re-exported for the kernel modules)
+from .reference import autocast_cast, device_guard  # noqa: F401  (re-exported for the kernel modules)
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
@@ -87,11 +86,6 @@ def check_dtypes(name_tensors: dict, device: torch.device, masters: tuple[str, .
         if t.device != device:
             raise ValueError(f"device mismatch: {first_name} is on {device} but {name} is on {t.device}")
     return dtype
-
-
-def device_guard(t: torch.Tensor):
-    """``torch.cuda.device(t.device)`` for CUDA tensors (nothing assumes device 0), else a no-op."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def check_device(t: torch.Tensor) -> None:

@@ -23,14 +23,12 @@ This module does not import triton.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .limits import MAX_LORA_RANK
-from .reference import autocast_cast, check_lora_args, check_master_dtypes
+from .reference import autocast_cast, check_lora_args, check_master_dtypes, device_guard
 
 __all__ = ["LoRAAddmmFunction", "dy_pass_torch", "lora_linear_addmm", "skinny_torch"]
 
@@ -55,10 +53,6 @@ def dy_pass_torch(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[
     return (d @ lora_b.to(dy.dtype).to(acc)) * scale, (d.t() @ h.to(dy.dtype).to(acc)) * scale
 
 
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 class LoRAAddmmFunction(torch.autograd.Function):
     """Autograd wrapper of the path (module docstring); 2-D inputs, ``ops = (skinny, dy_pass)``."""
 
@@ -67,7 +61,7 @@ class LoRAAddmmFunction(torch.autograd.Function):
     def forward(ctx, x, xd, weight, bias, lora_a, lora_b, scale, ops):
         skinny, _ = ops
         dt = x.dtype
-        with _device_guard(x):
+        with device_guard(x):
             u = skinny(x if xd is None else xd, lora_a.t())  # (M, r) fp32: x̃·Aᵀ
             us, bt = (u * scale).to(dt), lora_b.to(dt).t()
             y = torch.mm(us, bt) if bias is None else torch.addmm(bias.to(dt), us, bt)  # the rank-r output
@@ -86,7 +80,7 @@ class LoRAAddmmFunction(torch.autograd.Function):
         s, dt = ctx.scale, x.dtype
         dx = dxd = dw = dbias = da = db = None
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        with _device_guard(dy):
+        with device_guard(dy):
             if need_a or need_b or need_x or need_xd:
                 dh, db = dy_pass(dy, u, lora_b, s)  # dh = s·dy·B, dB = s·dyᵀ·u
                 db = db.to(lora_b.dtype) if need_b else None

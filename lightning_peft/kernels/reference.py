@@ -7,6 +7,7 @@ device and dtype and under ``torch.autocast``. The Triton kernels in :mod:`.lora
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -61,6 +62,11 @@ def check_master_dtypes(compute: Tensor, compute_name: str, adapters: dict[str, 
             f"dtype mismatch: {compute_name} is {compute.dtype} but {name} is {t.dtype}; cast them to one "
             "dtype (float32 adapter masters on a float16/bfloat16 input are accepted) or run under torch.autocast"
         )
+
+
+def device_guard(t: Tensor):
+    """``torch.cuda.device(t.device)`` for CUDA tensors (nothing assumes device 0), else a no-op."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def autocast_cast(device_type: str, *tensors):
