@@ -259,8 +259,11 @@ def test_precomputed_reference_logps_give_the_loss_of_the_live_reference(tokeniz
     module.reference_mode = "precomputed"
     stored, stored_stats = module.pair_loss(next(iter(dm.train_dataloader())))
     torch.testing.assert_close(stored.losses, live.losses, rtol=1e-5, atol=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "logps/chosen"):
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "logps/chosen", "logps/accuracy"):
         torch.testing.assert_close(stored_stats[key], live_stats[key], rtol=1e-5, atol=1e-6)
+    logps, mask = token_logprobs(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    chosen, rejected = (logps.sum(-1) / mask.sum(-1)).chunk(2)  # the policy's own per-token preference, no reference
+    assert live_stats["logps/accuracy"].item() == pytest.approx((chosen > rejected).float().mean().item())
 
 
 def test_adapters_reference_without_adapters_says_what_to_do(tokenizer):

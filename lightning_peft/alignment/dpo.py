@@ -64,7 +64,9 @@ class DPO(CausalLM):
 
     Logs under ``train/`` (each step) and ``val/`` (epoch means over all ranks): ``loss``, ``rewards/chosen``,
     ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy`` (share of pairs whose implicit reward
-    ``β·log π/π_ref`` prefers the chosen completion), ``logps/chosen``, ``logps/rejected`` (summed) and ``kl``
+    ``β·log π/π_ref`` prefers the chosen completion), ``logps/chosen``, ``logps/rejected`` (summed),
+    ``logps/accuracy`` (share of pairs whose chosen completion has the higher mean per-token log-prob under the
+    policy alone; unlike the implicit-reward accuracy it is informative before training) and ``kl``
     (mean per-token k3 estimate of KL(π ‖ π_ref) on the completion tokens of both rows, see
     :func:`~lightning_peft.alignment.dpo_loss.kl_estimate`; with precomputed references, the k3 of each
     completion's per-token mean log-ratio). Validation batches with prompts also score greedy answers
@@ -177,6 +179,8 @@ class DPO(CausalLM):
             "rewards/accuracy": out.accuracies.mean(),
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
+            # the policy alone prefers chosen, per token (sums favour the shorter row): meaningful before training too
+            "logps/accuracy": (chosen / chosen_tokens > rejected / rejected_tokens).float().mean(),
             "kl": kl,
         }
         return out, stats
