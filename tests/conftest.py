@@ -40,15 +40,12 @@ TINY_CHAT_TEMPLATE = (
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> str:
     """A 2-layer, hidden-32 Llama causal LM (random weights) saved with the MiniLM tokenizer, [SEP] as EOS and a chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import minilm_llama
 
     from lightning_peft import load_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102, initializer_range=0.3)
-    LlamaForCausalLM(config).save_pretrained(path)
+    minilm_llama(seed=0).save_pretrained(path)
     tokenizer = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
     tokenizer.eos_token = "[SEP]"
     tokenizer.chat_template = TINY_CHAT_TEMPLATE

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import minilm_llama
 
 from lightning_peft import CausalLM, InstructionDataModule, load_tokenizer
 
@@ -32,11 +32,8 @@ def tokenizer():
 
 def one_step(devices: int, batch_size: int, accumulate: int = 1) -> tuple[pl.Trainer, CausalLM]:
     """Fit one SGD step (lr 1) from the same tiny Llama on all RECORDS: one process, or 2 ranks sharing them."""
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102, initializer_range=0.3)
     tok = tokenizer()
-    model = CausalLM(LlamaForCausalLM(config), tokenizer=tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+    model = CausalLM(minilm_llama(seed=1), tokenizer=tok, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
     dm = InstructionDataModule(tok, train=RECORDS, val=RECORDS[:2], max_length=48, batch_size=batch_size, template="plain",
                                generate_size=0, shuffle=False)
     strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"

@@ -15,8 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from tiny_models import randomize
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import minilm_llama, randomize
 
 from lightning_peft import DPO, LoRAConfig, PreferenceDataModule, inject, load_tokenizer
 
@@ -26,12 +25,9 @@ PAIRS = [{"prompt": f"Question {i}?", "chosen": "yes " * (1 if i < 1 else 6), "r
 
 def one_step(devices: int) -> tuple[pl.Trainer, DPO]:
     """One SGD step (lr 1) from the same tiny Llama and adapter: one process on all PAIRS, or each of 2 ranks on its shard."""
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102, initializer_range=0.3)
     tok = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
     tok.eos_token = "[SEP]"
-    model = DPO(LlamaForCausalLM(config), tokenizer=tok, beta=0.5, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+    model = DPO(minilm_llama(seed=1), tokenizer=tok, beta=0.5, optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
     torch.manual_seed(2)  # LoRA's A is random: inject here, not in the Trainer, whose setup may draw from the RNG
     inject(model, LoRAConfig(r=4, target_modules="all-linear", dropout=0.0))
     randomize(model, std=0.3)  # B != 0: the policy differs from the reference and every adapter weight gets a gradient

@@ -7,7 +7,8 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import minilm_llama
+from transformers import LlamaForCausalLM
 
 from lightning_peft import PEFT, CausalLM, InstructionDataModule, LoRAConfig
 from lightning_peft.data.instruction_datamodule import _Examples as _Items
@@ -47,11 +48,7 @@ def chat_tokenizer(tokenizer):
 
 
 def tiny_llama(seed: int = 0, attn: str = "sdpa") -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102, attn_implementation=attn,
-                         initializer_range=0.3)
-    return LlamaForCausalLM(config)
+    return minilm_llama(seed, attn_implementation=attn)
 
 
 def test_plain_template_masks_exactly_the_prompt(tokenizer):

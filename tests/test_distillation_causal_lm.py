@@ -9,7 +9,8 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import minilm_llama
+from transformers import LlamaForCausalLM
 
 from lightning_peft import CausalLM, Distillation, InstructionDataModule, token_distillation_loss
 from lightning_peft.data.instructions import IGNORE_INDEX
@@ -21,10 +22,7 @@ RECORDS = [{"prompt": f"Question {i}?", "completion": "yes no " * n} for i, n in
 
 
 def tiny_llama(seed: int, vocab_size: int = 30522) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102, initializer_range=0.3)
-    return LlamaForCausalLM(config)
+    return minilm_llama(seed, vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import minilm_llama
+from transformers import LlamaForCausalLM
 
 from lightning_peft import DPO, PEFT, LoRAConfig, PreferenceDataModule, dpo_loss, inject, load_tokenizer
 from lightning_peft.alignment.preference_data import collate_pairs, encode_pair
@@ -38,20 +39,7 @@ def tokenizer():
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=101,
-        eos_token_id=102,
-        initializer_range=0.3,
-    )
-    return LlamaForCausalLM(config)
+    return minilm_llama(seed)
 
 
 # --- the losses ---------------------------------------------------------------------------------

@@ -41,6 +41,15 @@ def llama(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def minilm_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer, hidden-32 Llama causal LM (random weights, initializer_range 0.3) over the MiniLM tokenizer's
+    vocabulary: [PAD]=0, [CLS]=101 as BOS, [SEP]=102 as EOS. ``overrides`` go to ``LlamaConfig`` (vocab_size, attn_implementation...)."""
+    torch.manual_seed(seed)
+    options = dict(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102, initializer_range=0.3)
+    return LlamaForCausalLM(LlamaConfig(**{**options, **overrides}))
+
+
 def vit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, depth=2, img_size=32, patch_size=8).eval()
