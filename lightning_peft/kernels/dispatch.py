@@ -235,7 +235,7 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, branches: 
     """A linear layer with several LoRA adapters: ``y = x·Wᵀ + bias + Σ_i (s_i·(drop_i(x)·A_iᵀ)·B_iᵀ + bias_i)[rows_i]``.
 
     The first whole-batch branch goes through :func:`lora_linear` with the base (its bias folded into the
-    base bias), every other one is accumulated into that output in place (:func:`.lora_addmm.lora_accumulate`:
+    base bias), every other one is accumulated onto that output (:func:`.lora_addmm.lora_accumulate`:
     Triton skinny kernels on CUDA, PyTorch ones elsewhere), each saving its ``x·Aᵀ`` and nothing of full size
     but x. Shapes as in :func:`lora_linear`; returns ``(..., N)``. ``kernels=False`` keeps the Triton kernels
     out (the PyTorch path of the same formulation).

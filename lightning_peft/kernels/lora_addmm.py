@@ -145,7 +145,7 @@ def lora_linear_addmm(
 
 
 class LoRAAccumulateFunction(torch.autograd.Function):
-    """``y[rows] += s·(x̃·Aᵀ)·Bᵀ + bias`` in place; 2-D ``y`` ``(M, N)`` and ``x`` ``(M, K)``, ``ops = (skinny, dy_pass)``.
+    """``y`` plus ``s·(x̃·Aᵀ)·Bᵀ + bias`` on ``rows``; 2-D ``y`` ``(M, N)`` and ``x`` ``(M, K)``, ``ops = (skinny, dy_pass)``.
 
     ``rows`` ``(m,)`` int64 or ``None`` (every row); ``xd`` ``(m, K)`` is the dropped-out ``x[rows]`` or ``None``.
     Saves x (x̃ with dropout) and ``u = x̃·Aᵀ`` ``(m, r)`` only. Backward, with ``dy_r = dy[rows]``:
@@ -163,17 +163,16 @@ class LoRAAccumulateFunction(torch.autograd.Function):
             u = skinny(src, lora_a.t())  # (m, r) fp32: x̃·Aᵀ
             us, bt = (u * scale).to(dt), lora_b.to(dt).t()
             if rows is None:
-                y.addmm_(us, bt)
+                out = torch.addmm(y, us, bt)  # one read of y, one write of the sum
                 if bias is not None:
-                    y.add_(bias.to(dt))
+                    out.add_(bias.to(dt))
             else:
                 t = torch.mm(us, bt) if bias is None else torch.addmm(bias.to(dt), us, bt)
-                y.index_add_(0, rows, t)
-        ctx.mark_dirty(y)
+                out = y.index_add(0, rows, t)
         ctx.scale, ctx.ops, ctx.n_rows = scale, ops, x.shape[0]
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x if xd is None else None, xd, lora_a, lora_b, u, rows)
-        return y
+        return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -235,13 +234,13 @@ def lora_accumulate(
     rows: Tensor | None = None,
     ops: str = "auto",
 ) -> Tensor:
-    """``y + s·(drop(x)·Aᵀ)·Bᵀ + bias`` on the items ``rows`` of x's first dim, accumulated into ``y`` in place.
+    """``y + s·(drop(x)·Aᵀ)·Bᵀ + bias`` on the items ``rows`` of x's first dim: the rank-r term accumulated onto ``y``.
 
-    One more LoRA adapter on an output that has its base GEMM already (several adapters, mixed batches); no
-    full-size temporary when ``rows`` is ``None``. Shapes: ``y`` ``(B, ..., N)`` (the output of a
-    differentiable op, not a leaf), ``x`` ``(B, ..., K)``, ``lora_a`` ``(r, K)``, ``lora_b`` ``(N, r)``,
-    ``bias`` ``(N,)`` or ``None``, ``rows`` ``(b,)`` indices into ``B`` or ``None`` (all). Returns ``y``
-    (modified). The adapter tensors have x's dtype or are fp32 masters on a 16-bit x (fp32 gradients);
+    One more LoRA adapter on an output that has its base GEMM already (several adapters, mixed batches): one
+    ``addmm`` onto y (``index_add`` for rows), no full-size intermediate of its own. Shapes: ``y`` ``(B, ..., N)`` (the output of a
+    differentiable op or any tensor), ``x`` ``(B, ..., K)``, ``lora_a`` ``(r, K)``, ``lora_b`` ``(N, r)``,
+    ``bias`` ``(N,)`` or ``None``, ``rows`` ``(b,)`` indices into ``B`` or ``None`` (all). Returns the sum
+    (y itself is not modified: autograd and ``torch.compile`` stay simple). The adapter tensors have x's dtype or are fp32 masters on a 16-bit x (fp32 gradients);
     ``ops`` as in :func:`lora_linear_addmm`. Saves x (x̃ with dropout) and ``x̃·Aᵀ`` only.
 
     Example:
@@ -274,5 +273,5 @@ def lora_accumulate(
     if dropout_p > 0:
         xd = F.dropout(x2 if flat is None else x2.index_select(0, flat), dropout_p, training=True)
     with torch.autocast(x.device.type, enabled=False):
-        LoRAAccumulateFunction.apply(y.view(-1, n), x2, xd, lora_a, lora_b, bias, flat, float(scale), fns)
-    return y
+        out = LoRAAccumulateFunction.apply(y.reshape(-1, n), x2, xd, lora_a, lora_b, bias, flat, float(scale), fns)
+    return out.reshape(y.shape)
