@@ -44,7 +44,7 @@ from ._triton_common import (
     prune_configs,
 )
 from .limits import MAX_BOTTLENECK
-from .reference import activation_fn, check_adapter_args
+from .reference import activation_fn, check_adapter_args, no_autocast
 
 __all__ = ["MAX_BOTTLENECK", "adapter_bottleneck_triton", "bottleneck_backward", "bottleneck_bwd", "bottleneck_forward", "bottleneck_fwd"]
 
@@ -307,7 +307,7 @@ def bottleneck_forward(x: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: T
     z = torch.empty((M if need_grad else 0, H), device=x.device, dtype=prec.acc_torch)
     res = residual if residual is not None else x
     if M > 0 and D > 0:
-        with device_guard(x), torch.autocast(x.device.type, enabled=False):
+        with device_guard(x), no_autocast(x):
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
             _adapter_fwd_kernel[grid](
                 x, res, w_down, b_down if b_down is not None else x, w_up, b_up if b_up is not None else x,
@@ -356,7 +356,7 @@ def bottleneck_backward(dy: Tensor, x: Tensor, w_down: Tensor, w_up: Tensor, z: 
     act = _ACT_IDS[activation]
     common = dict(ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision)
     out = {}
-    with device_guard(dy), torch.autocast(dy.device.type, enabled=False):
+    with device_guard(dy), no_autocast(dy):
         dz = torch.empty((M, H), device=x.device, dtype=prec.acc_torch)
         if (need_x or need_wd or need_bd) and M > 0:
             _adapter_bwd_dz_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](

@@ -53,7 +53,7 @@ from ._triton_common import (
     prune_configs,
 )
 from .limits import MAX_LORA_RANK
-from .reference import check_lora_args
+from .reference import check_lora_args, no_autocast
 
 __all__ = ["fused_backward", "fused_forward", "lora_dy_pass", "lora_fused_bwd", "lora_fused_fwd", "lora_linear_triton", "lora_skinny"]
 
@@ -507,7 +507,7 @@ def _dy_pass(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tenso
 @torch.library.custom_op("lightning_peft::lora_skinny", mutates_args=())
 def lora_skinny(p: Tensor, q: Tensor, split: bool = False) -> Tensor:
     """:func:`_skinny` as an op: ``p·q`` ``(I, R)`` in fp32 (float64 for float64) for ``p`` ``(I, L)``, ``q`` ``(L, R)``."""
-    with device_guard(p), torch.autocast(p.device.type, enabled=False):
+    with device_guard(p), no_autocast(p):
         return _skinny(p, q, split)
 
 
@@ -519,7 +519,7 @@ def _(p, q, split=False):
 @torch.library.custom_op("lightning_peft::lora_dy_pass", mutates_args=())
 def lora_dy_pass(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """:func:`_dy_pass` as an op: ``(dh, dB) = (s·dy·B, s·dyᵀ·h)`` ``((M, r), (N, r))`` in fp32, one read of dy."""
-    with device_guard(dy), torch.autocast(dy.device.type, enabled=False):
+    with device_guard(dy), no_autocast(dy):
         return _dy_pass(dy, h, lora_b, scale)
 
 
@@ -536,7 +536,7 @@ def fused_forward(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | N
     2-D inputs; ``xd`` is the dropped-out branch input or ``None`` (then the branch reads ``x``). The body of
     the op ``lightning_peft::lora_fused_fwd`` (:func:`lora_fused_fwd`, which has the autograd).
     """
-    with device_guard(x), torch.autocast(x.device.type, enabled=False):
+    with device_guard(x), no_autocast(x):
         h = _skinny(x if xd is None else xd, lora_a.t())
         return _gemm(x, weight.t(), h, lora_b.t(), bias, scale, x.dtype), h
 
@@ -567,7 +567,7 @@ def fused_backward(dy: Tensor, x: Tensor, xd: Tensor | None, weight: Tensor, lor
     out = {}
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     branch = x if xd is None else xd
-    with device_guard(dy), torch.autocast(dy.device.type, enabled=False):
+    with device_guard(dy), no_autocast(dy):
         if need_a or need_b or need_x or need_xd:
             dh, db = _dy_pass(dy, h, lora_b, scale)  # dh = s·dy·B, dB = s·dyᵀ·h
             if need_b:
