@@ -266,8 +266,8 @@ def test_merged_model_has_base_layer_speed_path(monkeypatch):
         if isinstance(m, AdapterLayer) and m.method == "lora":
             for adapter in m.adapters.values():
                 adapter.register_forward_hook(lambda *a: calls.append(1))
-    real = dispatch.lora_linear_reference  # one adapter on a linear layer runs as kernels.lora_linear off-GPU
-    monkeypatch.setattr(dispatch, "lora_linear_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dispatch.lora_linear_multi  # LoRA on linear layers runs as kernels.lora_linear_multi
+    monkeypatch.setattr(dispatch, "lora_linear_multi", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         output(model, x)
     assert calls == []  # no adapter branch runs once merged

@@ -1,9 +1,13 @@
-"""Fused Triton kernels for LoRA linear layers and bottleneck adapters, with PyTorch references.
+"""Triton kernels for LoRA linear layers and bottleneck adapters, with PyTorch references.
 
-``lora_linear`` (fused GEMM or cuBLAS-backed, see ``lora_route``) and ``adapter_bottleneck`` run the Triton kernels on CUDA tensors and the pure
-PyTorch ``*_reference`` functions elsewhere (CPU, float64, under ``torch.compile``, or when turned
-off with ``use_kernels(False)`` / ``LIGHTNING_PEFT_KERNELS=0``). Importing this package does not
-import triton; the kernel modules (``lora``, ``bottleneck``) load on first use.
+``lora_linear`` runs the Triton kernels on CUDA tensors (the fused GEMM or the cuBLAS-backed path, see
+``lora_route``) and elsewhere (CPU, float64, or when turned off with ``use_kernels(False)`` /
+``LIGHTNING_PEFT_KERNELS=0``) the same ordering in PyTorch: the rank-r term first, the base GEMM accumulated
+onto it, x and ``x·Aᵀ`` saved for backward. ``lora_linear_multi`` takes several adapters and mixed batches
+(the ``LoRALayer`` entry). ``adapter_bottleneck`` runs its Triton kernels on CUDA and
+``adapter_bottleneck_reference`` elsewhere. The ``*_reference`` functions are the spec and the test oracle.
+The kernels are ``torch.library`` custom ops, so ``torch.compile`` keeps them in its graphs. Importing this
+package does not import triton; the kernel modules (``lora``, ``bottleneck``) load on first use.
 
 Example:
     >>> import torch
@@ -17,11 +21,13 @@ Example:
 """
 
 from .dispatch import (
+    LoRABranch,
     adapter_bottleneck,
     adapter_bottleneck_triton,
     kernels_enabled,
     lora_linear,
     lora_linear_addmm,
+    lora_linear_multi,
     lora_linear_triton,
     lora_route,
     set_kernels_enabled,
@@ -41,12 +47,14 @@ __all__ = [
     "FUSED_MIN_ROWS",
     "MAX_BOTTLENECK",
     "MAX_LORA_RANK",
+    "LoRABranch",
     "adapter_bottleneck",
     "adapter_bottleneck_reference",
     "adapter_bottleneck_triton",
     "kernels_enabled",
     "lora_linear",
     "lora_linear_addmm",
+    "lora_linear_multi",
     "lora_linear_reference",
     "lora_linear_triton",
     "lora_route",

@@ -1,7 +1,8 @@
 """Fused bottleneck adapter in Triton: ``y = residual + s·(act(x·W_downᵀ + b_down)·W_upᵀ + b_up)``.
 
-Layering as in :mod:`.lora`: ``@triton.jit`` kernels → launchers → :class:`AdapterBottleneckFunction`.
-Import lazily (this module imports triton).
+Layering as in :mod:`.lora`: ``@triton.jit`` kernels → launchers → the ``torch.library`` custom ops
+``lightning_peft::bottleneck_fwd`` / ``bottleneck_bwd`` (fake functions for shapes, the forward op's
+autograd), which ``torch.compile`` keeps in its graphs. Import lazily (this module imports triton).
 
 Shapes: ``x``/``residual``/``y`` ``(M, d)`` (leading dims flattened), ``W_down`` ``(m, d)``,
 ``b_down`` ``(m,)``, ``W_up`` ``(d, m)``, ``b_up`` ``(d,)``, ``m <= 256`` (padded to a power of
@@ -43,9 +44,9 @@ from ._triton_common import (
     prune_configs,
 )
 from .limits import MAX_BOTTLENECK
-from .reference import activation_fn, check_adapter_args
+from .reference import activation_fn, check_adapter_args, no_autocast
 
-__all__ = ["MAX_BOTTLENECK", "AdapterBottleneckFunction", "adapter_bottleneck_triton"]
+__all__ = ["MAX_BOTTLENECK", "adapter_bottleneck_triton", "bottleneck_backward", "bottleneck_bwd", "bottleneck_forward", "bottleneck_fwd"]
 
 
 _ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
@@ -291,108 +292,151 @@ def _adapter_bwd_cols_kernel(
         tl.store(dbu_part_ptr + ps * stride_bup_s + rd, acc_bu * scale, mask=d_mask)
 
 
-class AdapterBottleneckFunction(torch.autograd.Function):
-    """Autograd wrapper over the launchers; 2-D inputs of one dtype on one device.
+def bottleneck_forward(x: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
+                       residual: Tensor | None, activation: str, scale: float, need_grad: bool) -> tuple[Tensor, Tensor]:
+    """The forward kernel: ``(y, z)``, ``y`` ``(M, d)`` and ``z = x·W_downᵀ + b_down`` ``(M, m)`` fp32 (``(0, m)``
+    unless ``need_grad``). 2-D inputs; ``residual`` ``None`` is the serial adapter (the residual is ``x``).
 
-    ``residual`` is ``None`` for the serial adapter (the residual is ``x``).
+    The body of the op ``lightning_peft::bottleneck_fwd`` (:func:`bottleneck_fwd`, which has the autograd).
     """
+    M, D = x.shape
+    H = w_down.shape[0]
+    prec = precision_for(x.dtype)
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((M, D), device=x.device, dtype=out_dtype)
+    z = torch.empty((M if need_grad else 0, H), device=x.device, dtype=prec.acc_torch)
+    res = residual if residual is not None else x
+    if M > 0 and D > 0:
+        with device_guard(x), no_autocast(x):
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+            _adapter_fwd_kernel[grid](
+                x, res, w_down, b_down if b_down is not None else x, w_up, b_up if b_up is not None else x,
+                y, z if need_grad else y, M, D, H, float(scale),
+                x.stride(0), x.stride(1), res.stride(0), res.stride(1), w_down.stride(0), w_down.stride(1),
+                w_up.stride(0), w_up.stride(1), y.stride(0), y.stride(1),
+                z.stride(0) if need_grad else 0, z.stride(1), m_bucket(M),
+                ACT=_ACT_IDS[activation], HAS_BD=b_down is not None, HAS_BU=b_up is not None,
+                HAS_RESIDUAL=residual is not None, SAVE_Z=need_grad, BLOCK_H=next_pow2(H),
+                ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast,
+                INPUT_PRECISION=prec.input_precision,
+            )
+    return y, z
 
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, w_down, b_down, w_up, b_up, residual, activation, scale):
-        M, D = x.shape
-        H = w_down.shape[0]
-        prec = precision_for(x.dtype)
-        BLOCK_H = next_pow2(H)
-        need_grad = any(ctx.needs_input_grad[:5])
-        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        y = torch.empty((M, D), device=x.device, dtype=out_dtype)
-        z = torch.empty((M, H), device=x.device, dtype=prec.acc_torch) if need_grad else y
-        res = residual if residual is not None else x
-        if M > 0 and D > 0:
-            with device_guard(x):
-                grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-                _adapter_fwd_kernel[grid](
-                    x, res, w_down, b_down if b_down is not None else x, w_up, b_up if b_up is not None else x,
-                    y, z, M, D, H, float(scale),
-                    x.stride(0), x.stride(1), res.stride(0), res.stride(1), w_down.stride(0), w_down.stride(1),
-                    w_up.stride(0), w_up.stride(1), y.stride(0), y.stride(1),
-                    z.stride(0), z.stride(1), m_bucket(M),
-                    ACT=_ACT_IDS[activation], HAS_BD=b_down is not None, HAS_BU=b_up is not None,
-                    HAS_RESIDUAL=residual is not None, SAVE_Z=need_grad, BLOCK_H=BLOCK_H,
-                    ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast,
-                    INPUT_PRECISION=prec.input_precision,
-                )
-        ctx.activation, ctx.scale, ctx.residual_is_x = activation, float(scale), residual is None
-        ctx.bias_dtypes = tuple(x.dtype if b is None else b.dtype for b in (b_down, b_up))
-        ctx.residual_dtype = None if residual is None else residual.dtype
-        ctx.save_for_backward(x, w_down, w_up, z if need_grad else None)
-        return y
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x, w_down, w_up, z = ctx.saved_tensors
-        need_x, need_wd, need_bd, need_wu, need_bu, need_res = ctx.needs_input_grad[:6]
-        dres = dy.to(ctx.residual_dtype) if (need_res and not ctx.residual_is_x) else None
-        if dy.dtype != x.dtype:  # y was promoted to the residual's dtype; the branch ran in x's
-            dy = dy.to(x.dtype)
-        if z is None:  # only the separate residual needs a gradient
-            return None, None, None, None, None, dres, None, None
-        M, D = x.shape
-        H = w_down.shape[0]
-        s = ctx.scale
-        prec = precision_for(x.dtype)
-        BLOCK_H = next_pow2(H)
-        act = _ACT_IDS[ctx.activation]
-        common = dict(ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast,
-                      INPUT_PRECISION=prec.input_precision)
-        dx = dwd = dbd = dwu = dbu = None
-        need_dz = need_x or need_wd or need_bd
-        with device_guard(dy):
-            dz = torch.empty((M, H), device=x.device, dtype=prec.acc_torch)
-            if need_dz and M > 0:
-                _adapter_bwd_dz_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-                    dy, w_up, z, dz, M, D, H, s,
-                    dy.stride(0), dy.stride(1), w_up.stride(0), w_up.stride(1), z.stride(0), z.stride(1),
-                    dz.stride(0), dz.stride(1), m_bucket(M),
-                    ACT=act, BLOCK_H=BLOCK_H, **common,
-                )
-            # rows split into slices (a multiple of _ROW_ALIGN rows each) so that about four
-            # programs per SM run; the slices' partial weight gradients are summed below
-            n_blocks = max(1, triton.cdiv(M, _ROW_ALIGN))
-            want = max(1, min(n_blocks, triton.cdiv(4 * num_sms(x.device), max(1, triton.cdiv(D, 64)))))
-            rows_per = triton.cdiv(n_blocks, want) * _ROW_ALIGN
-            n_split = max(1, triton.cdiv(M, rows_per))
-            acc_t = prec.acc_torch
-            if need_x:
-                dx = torch.empty((M, D), device=x.device, dtype=x.dtype)
-            dwu_p = torch.empty((n_split, D, H), device=x.device, dtype=acc_t) if need_wu else dz
-            dwd_p = torch.empty((n_split, H, D), device=x.device, dtype=acc_t) if need_wd else dz
-            dbu_p = torch.empty((n_split, D), device=x.device, dtype=acc_t) if need_bu else dz
-            if (need_x or need_wu or need_wd or need_bu) and M > 0 and D > 0:
-                dxt = dx if need_x else dy
-                _adapter_bwd_cols_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), n_split)](
-                    dy, x, z, dz, w_down, dxt, dwu_p, dwd_p, dbu_p,
-                    M, D, H, rows_per, s,
-                    dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), z.stride(0), z.stride(1),
-                    dz.stride(0), dz.stride(1), w_down.stride(0), w_down.stride(1), dxt.stride(0), dxt.stride(1),
-                    dwu_p.stride(0), dwu_p.stride(1), dwu_p.stride(-1), dwd_p.stride(0), dwd_p.stride(1),
-                    dwd_p.stride(-1), dbu_p.stride(0), m_bucket(M),
-                    ACT=act, BLOCK_H=BLOCK_H, RESIDUAL_IS_X=ctx.residual_is_x,
-                    NEED_DX=need_x, NEED_WU=need_wu, NEED_WD=need_wd, NEED_BU=need_bu, **common,
-                )
-            elif need_x:
-                dx.zero_()
-            if need_wu:
-                dwu = dwu_p.sum(0).to(w_up.dtype)
-            if need_wd:
-                dwd = dwd_p.sum(0).to(w_down.dtype)
-            if need_bu:
-                dbu = dbu_p.sum(0).to(ctx.bias_dtypes[1])
-            if need_bd:
-                dbd = dz.sum(0).to(ctx.bias_dtypes[0])
-        return dx, dwd, dbd, dwu, dbu, dres, None, None
+bottleneck_fwd = torch.library.custom_op("lightning_peft::bottleneck_fwd", bottleneck_forward, mutates_args=())
+
+
+@bottleneck_fwd.register_fake
+def _(x, w_down, b_down, w_up, b_up, residual, activation, scale, need_grad):
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    z = x.new_empty((x.shape[0] if need_grad else 0, w_down.shape[0]), dtype=precision_for(x.dtype).acc_torch)
+    return x.new_empty(tuple(x.shape), dtype=out_dtype), z
+
+
+#: The inputs of ``bottleneck_fwd`` whose gradients ``bottleneck_bwd`` gives (the residual's is ``dy`` itself).
+_GRAD_INPUTS = ("x", "w_down", "b_down", "w_up", "b_up")
+
+
+def bottleneck_backward(dy: Tensor, x: Tensor, w_down: Tensor, w_up: Tensor, z: Tensor, activation: str, scale: float,
+                        residual_is_x: bool, b_down_dtype: torch.dtype, b_up_dtype: torch.dtype,
+                        needs: list[bool]) -> list[Tensor]:
+    """The backward kernels: the gradients of ``x, w_down, b_down, w_up, b_up`` flagged in ``needs``, in that order.
+
+    ``dy`` ``(M, d)`` in x's dtype. ``dz = s·(dy·W_up) ⊙ act'(z)`` ``(M, m)``, then in one pass over dy and x
+    ``dx = dz·W_down (+ dy when residual_is_x)`` ``(M, d)``, ``dW_up = s·dyᵀ·a`` ``(d, m)``, ``dW_down = dzᵀ·x``
+    ``(m, d)``, ``db_up = s·Σ_rows dy`` ``(d,)`` (``b_up_dtype``), ``db_down = Σ_rows dz`` ``(m,)`` (``b_down_dtype``);
+    weight gradients in the weights' dtypes. The body of the op ``lightning_peft::bottleneck_bwd``.
+    """
+    need_x, need_wd, need_bd, need_wu, need_bu = needs
+    M, D = x.shape
+    H = w_down.shape[0]
+    s = float(scale)
+    prec = precision_for(x.dtype)
+    BLOCK_H = next_pow2(H)
+    act = _ACT_IDS[activation]
+    common = dict(ACC=prec.acc, LOW_PREC=prec.low_prec, UPCAST=prec.upcast, INPUT_PRECISION=prec.input_precision)
+    out = {}
+    with device_guard(dy), no_autocast(dy):
+        dz = torch.empty((M, H), device=x.device, dtype=prec.acc_torch)
+        if (need_x or need_wd or need_bd) and M > 0:
+            _adapter_bwd_dz_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+                dy, w_up, z, dz, M, D, H, s,
+                dy.stride(0), dy.stride(1), w_up.stride(0), w_up.stride(1), z.stride(0), z.stride(1),
+                dz.stride(0), dz.stride(1), m_bucket(M),
+                ACT=act, BLOCK_H=BLOCK_H, **common,
+            )
+        # rows split into slices (a multiple of _ROW_ALIGN rows each) so that about four
+        # programs per SM run; the slices' partial weight gradients are summed below
+        n_blocks = max(1, triton.cdiv(M, _ROW_ALIGN))
+        want = max(1, min(n_blocks, triton.cdiv(4 * num_sms(x.device), max(1, triton.cdiv(D, 64)))))
+        rows_per = triton.cdiv(n_blocks, want) * _ROW_ALIGN
+        n_split = max(1, triton.cdiv(M, rows_per))
+        acc_t = prec.acc_torch
+        dx = torch.empty((M, D), device=x.device, dtype=x.dtype) if need_x else None
+        dwu_p = torch.empty((n_split, D, H), device=x.device, dtype=acc_t) if need_wu else dz
+        dwd_p = torch.empty((n_split, H, D), device=x.device, dtype=acc_t) if need_wd else dz
+        dbu_p = torch.empty((n_split, D), device=x.device, dtype=acc_t) if need_bu else dz
+        if (need_x or need_wu or need_wd or need_bu) and M > 0 and D > 0:
+            dxt = dx if need_x else dy
+            _adapter_bwd_cols_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), n_split)](
+                dy, x, z, dz, w_down, dxt, dwu_p, dwd_p, dbu_p,
+                M, D, H, rows_per, s,
+                dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), z.stride(0), z.stride(1),
+                dz.stride(0), dz.stride(1), w_down.stride(0), w_down.stride(1), dxt.stride(0), dxt.stride(1),
+                dwu_p.stride(0), dwu_p.stride(1), dwu_p.stride(-1), dwd_p.stride(0), dwd_p.stride(1),
+                dwd_p.stride(-1), dbu_p.stride(0), m_bucket(M),
+                ACT=act, BLOCK_H=BLOCK_H, RESIDUAL_IS_X=residual_is_x,
+                NEED_DX=need_x, NEED_WU=need_wu, NEED_WD=need_wd, NEED_BU=need_bu, **common,
+            )
+        elif need_x:
+            dx.zero_()
+        if need_x:
+            out["x"] = dx
+        if need_wu:
+            out["w_up"] = dwu_p.sum(0).to(w_up.dtype)
+        if need_wd:
+            out["w_down"] = dwd_p.sum(0).to(w_down.dtype)
+        if need_bu:
+            out["b_up"] = dbu_p.sum(0).to(b_up_dtype)
+        if need_bd:
+            out["b_down"] = dz.sum(0).to(b_down_dtype)
+    return [out[k] for k, need in zip(_GRAD_INPUTS, needs) if need]
+
+
+bottleneck_bwd = torch.library.custom_op("lightning_peft::bottleneck_bwd", bottleneck_backward, mutates_args=())
+
+
+@bottleneck_bwd.register_fake
+def _(dy, x, w_down, w_up, z, activation, scale, residual_is_x, b_down_dtype, b_up_dtype, needs):
+    shapes = {"x": (x.shape, x.dtype), "w_down": (w_down.shape, w_down.dtype), "b_down": (w_down.shape[:1], b_down_dtype),
+              "w_up": (w_up.shape, w_up.dtype), "b_up": (w_up.shape[:1], b_up_dtype)}
+    return [dy.new_empty(tuple(shapes[k][0]), dtype=shapes[k][1]) for k, need in zip(_GRAD_INPUTS, needs) if need]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w_down, b_down, w_up, b_up, residual, activation, scale, _ = inputs
+    ctx.activation, ctx.scale, ctx.residual_is_x = activation, float(scale), residual is None
+    ctx.bias_dtypes = tuple(x.dtype if b is None else b.dtype for b in (b_down, b_up))
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.save_for_backward(x, w_down, w_up, output[1])  # x and the small fp32 z
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dz):
+    x, w_down, w_up, z = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    need_res = ctx.needs_input_grad[5] and not ctx.residual_is_x
+    dres = dy.to(ctx.residual_dtype) if need_res else None
+    grads = [None] * 5
+    if any(needs):
+        dy = dy.to(x.dtype)  # y was promoted to the residual's dtype; the branch ran in x's
+        it = iter(bottleneck_bwd(dy, x, w_down, w_up, z, ctx.activation, ctx.scale, ctx.residual_is_x,
+                                 *ctx.bias_dtypes, needs))
+        grads = [next(it) if need else None for need in needs]
+    return (*grads, dres, None, None, None)
+
+
+torch.library.register_autograd("lightning_peft::bottleneck_fwd", _backward, setup_context=_setup_context)
 
 
 def adapter_bottleneck_triton(
@@ -434,6 +478,7 @@ def adapter_bottleneck_triton(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d)
     r2 = residual.reshape(-1, d) if residual is not None else None
-    with torch.autocast(x.device.type, enabled=False):
-        y = AdapterBottleneckFunction.apply(x2, w_down, b_down, w_up, b_up, r2, activation, float(scale))
+    tensors = (x2, w_down, b_down, w_up, b_up)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, _ = bottleneck_fwd(x2, w_down, b_down, w_up, b_up, r2, activation, float(scale), need_grad)
     return y.reshape(*lead, d)

@@ -1,16 +1,23 @@
-"""Per-call choice between the Triton kernels and the PyTorch reference; Triton imported lazily.
+"""Per-call choice between the Triton kernels and the pure-PyTorch path; Triton imported lazily.
 
-The kernels run when all of these hold, otherwise the reference does (same math, same gradients):
+The kernels run when all of these hold, otherwise the PyTorch path does (same math, same gradients):
 
 * kernels are enabled: ``use_kernels`` / ``set_kernels_enabled`` decide, and by default the
   environment variable ``LIGHTNING_PEFT_KERNELS`` (``0``/``false``/``off``/``no`` turn them off);
 * ``x`` is a CUDA tensor of dtype float16, bfloat16 or float32 and triton imports;
-* the call is not being traced by ``torch.compile`` (the compiler then sees plain PyTorch);
 * the sizes are within the kernels' limits (:mod:`.limits`: LoRA rank ``r <= 128``, bottleneck ``m <= 256``).
 
-LoRA then has two kernel paths (:func:`lora_route`): the fused GEMM of :mod:`.lora` (the rank-r term
-in the epilogue of our Triton GEMM) and the cuBLAS-backed path of :mod:`.lora_addmm` (skinny Triton
-kernels for the rank-r terms, ``addmm`` with beta=1 for the big GEMMs).
+``torch.compile`` keeps the kernels: they are ``torch.library`` custom ops (``lightning_peft::lora_fused_fwd``,
+``lora_fused_bwd``, ``lora_skinny``, ``lora_dy_pass``, ``bottleneck_fwd``, ``bottleneck_bwd``) with fake
+functions for shapes and registered autograd, so the compiled graph calls them, without a graph break.
+
+LoRA has three paths (:func:`lora_route`): the fused GEMM of :mod:`.lora` (the rank-r term in the epilogue of
+our Triton GEMM), the cuBLAS-backed path of :mod:`.lora_addmm` (skinny Triton kernels for the rank-r terms,
+``addmm`` with beta=1 for the big GEMMs) and, everywhere else (CPU, float64, kernels off), that same
+formulation with PyTorch skinny ops: the rank-r term first, the base GEMM accumulated onto it in place,
+x and ``x·Aᵀ`` saved (measured faster on CPU than the autograd reference and HF PEFT's eager formula;
+``scripts/bench_lora_cpu.py``). :func:`lora_linear_multi` takes several adapters and mixed batches.
+The bottleneck adapter runs its Triton kernels or :func:`.reference.adapter_bottleneck_reference`.
 """
 
 from __future__ import annotations
@@ -19,21 +26,25 @@ import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .limits import FUSED_MIN_ROWS, KERNEL_DTYPES, MAX_BOTTLENECK, MAX_LORA_RANK
-from .lora_addmm import lora_linear_addmm  # triton-free: its Triton skinny kernels load on first use
-from .reference import adapter_bottleneck_reference, lora_linear_reference
+from .lora_addmm import lora_accumulate, lora_linear_addmm  # triton-free: its Triton skinny kernels load on first use
+from .reference import adapter_bottleneck_reference
 
 __all__ = [
+    "LoRABranch",
     "adapter_bottleneck",
     "adapter_bottleneck_triton",
     "kernels_enabled",
     "lora_linear",
     "lora_linear_addmm",
+    "lora_linear_multi",
     "lora_linear_triton",
     "lora_route",
     "set_kernels_enabled",
@@ -97,22 +108,9 @@ def triton_available() -> bool:
     return True
 
 
-def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # older torch
-        return False
-
-
 def will_use_triton(x: Tensor) -> bool:
     """Whether a call on ``x`` goes to the Triton kernels (given sizes within their limits)."""
-    return (
-        x.is_cuda
-        and x.dtype in KERNEL_DTYPES
-        and kernels_enabled()
-        and not _compiling()
-        and triton_available()
-    )
+    return x.is_cuda and x.dtype in KERNEL_DTYPES and kernels_enabled() and triton_available()
 
 
 def lora_linear_triton(
@@ -159,19 +157,19 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def lora_route(x: Tensor, lora_a: Tensor, needs_grad: bool) -> str:
-    """The path of a :func:`lora_linear` call: ``"reference"``, ``"addmm"`` or ``"fused"``.
+    """The path of a :func:`lora_linear` call: ``"torch"``, ``"addmm"`` or ``"fused"``.
 
-    * ``"reference"``: :func:`will_use_triton` says no (CPU, float64, kernels off, compiling, no
-      triton), or ``r > 128``;
-    * ``"addmm"`` (cuBLAS for the big GEMMs): fp32 ``x`` (the fused GEMM would run fp32 dots off the
-      tensor cores), no gradient needed (``no_grad``/inference, eval, everything frozen), fewer than
-      ``FUSED_MIN_ROWS`` rows (decoding), or a GPU other than Hopper (compute capability 9.x);
+    * ``"torch"`` (:func:`lora_linear_addmm` with PyTorch skinny ops): :func:`will_use_triton` says no (CPU,
+      float64, kernels off, no triton), or ``r > 128``;
+    * ``"addmm"`` (cuBLAS for the big GEMMs, Triton skinny kernels): fp32 ``x`` (the fused GEMM would run fp32
+      dots off the tensor cores), no gradient needed (``no_grad``/inference, eval, everything frozen), fewer
+      than ``FUSED_MIN_ROWS`` rows (decoding), or a GPU other than Hopper (compute capability 9.x);
     * ``"fused"``: the rest, fp16/bf16 training steps of many rows on Hopper.
 
     ``LIGHTNING_PEFT_LORA_PATH=fused|addmm`` forces a kernel path where the kernels run.
     """
     if not will_use_triton(x) or lora_a.dim() != 2 or lora_a.shape[0] > MAX_LORA_RANK:
-        return "reference"
+        return "torch"
     forced = os.environ.get(PATH_ENV_VAR, "auto").strip().lower()
     if forced in ("fused", "addmm"):
         return forced
@@ -179,6 +177,10 @@ def lora_route(x: Tensor, lora_a: Tensor, needs_grad: bool) -> str:
     if x.dtype == torch.float32 or not needs_grad or rows < FUSED_MIN_ROWS or _capability(x.device)[0] != 9:
         return "addmm"
     return "fused"
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lora_linear(
@@ -192,12 +194,13 @@ def lora_linear(
 ) -> Tensor:
     """LoRA linear ``y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ``, differentiable in every tensor argument.
 
-    Triton kernels on CUDA, fused or cuBLAS-backed (:func:`lora_route` says which), else
-    :func:`~lightning_peft.kernels.reference.lora_linear_reference`. Shapes: ``x`` ``(..., K)``,
-    ``weight`` ``(N, K)``, ``bias`` ``(N,)`` or ``None``, ``lora_a`` ``(r, K)``, ``lora_b`` ``(N, r)``;
-    returns ``(..., N)``. Gradients: ``dx = dy·W + drop'(dh·A)`` with ``dh = s·dy·B`` ``(M, r)``,
-    ``dA = dhᵀ·drop(x)`` ``(r, K)``, ``dB = s·dyᵀ·(drop(x)·Aᵀ)`` ``(N, r)``; ``dW = dyᵀ·x`` and
-    ``dbias = Σ_rows dy`` when the base requires grad. ``dropout_p`` applies whenever ``> 0``.
+    Triton kernels on CUDA, fused or cuBLAS-backed, else the same ordering with PyTorch ops
+    (:func:`lora_route` says which); :func:`~lightning_peft.kernels.reference.lora_linear_reference` is the
+    spec. Shapes: ``x`` ``(..., K)``, ``weight`` ``(N, K)`` (a transposed view is fine: GPT-2's Conv1D),
+    ``bias`` ``(N,)`` or ``None``, ``lora_a`` ``(r, K)``, ``lora_b`` ``(N, r)``; returns ``(..., N)``.
+    Gradients: ``dx = dy·W + drop'(dh·A)`` with ``dh = s·dy·B`` ``(M, r)``, ``dA = dhᵀ·drop(x)`` ``(r, K)``,
+    ``dB = s·dyᵀ·(drop(x)·Aᵀ)`` ``(N, r)``; ``dW = dyᵀ·x`` and ``dbias = Σ_rows dy`` when the base requires
+    grad. ``dropout_p`` applies whenever ``> 0``. Saved for backward: x (and drop(x)) and ``x·Aᵀ`` only.
 
     Example:
         >>> x, w = torch.randn(2, 5, 8), torch.randn(6, 8)
@@ -205,14 +208,58 @@ def lora_linear(
         >>> lora_linear(x, w, None, a, b, scale=0.5).shape
         torch.Size([2, 5, 6])
     """
-    tensors = (x, weight, bias, lora_a, lora_b)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    route = lora_route(x, lora_a, needs_grad)
+    route = lora_route(x, lora_a, _needs_grad(x, weight, bias, lora_a, lora_b))
     if route == "fused":
         return lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, dropout_p)
-    if route == "addmm":
-        return lora_linear_addmm(x, weight, bias, lora_a, lora_b, scale, dropout_p)
-    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    return lora_linear_addmm(x, weight, bias, lora_a, lora_b, scale, dropout_p, ops="triton" if route == "addmm" else "torch")
+
+
+@dataclass(frozen=True)
+class LoRABranch:
+    """One adapter's term in :func:`lora_linear_multi`: ``s·(drop(x)·Aᵀ)·Bᵀ + bias`` on the items ``rows``.
+
+    ``lora_a`` ``(r, K)``, ``lora_b`` ``(N, r)``, ``bias`` ``(N,)`` or ``None`` (a trained bias delta),
+    ``rows`` ``(b,)`` indices into x's first (batch) dim or ``None`` for the whole batch.
+    """
+
+    lora_a: Tensor
+    lora_b: Tensor
+    scale: float
+    dropout_p: float = 0.0
+    bias: Tensor | None = None
+    rows: Tensor | None = None
+
+
+def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, branches: Sequence[LoRABranch],
+                      kernels: bool = True) -> Tensor:
+    """A linear layer with several LoRA adapters: ``y = x·Wᵀ + bias + Σ_i (s_i·(drop_i(x)·A_iᵀ)·B_iᵀ + bias_i)[rows_i]``.
+
+    The first whole-batch branch goes through :func:`lora_linear` with the base (its bias folded into the
+    base bias), every other one is accumulated onto that output (:func:`.lora_addmm.lora_accumulate`:
+    Triton skinny kernels on CUDA, PyTorch ones elsewhere), each saving its ``x·Aᵀ`` and nothing of full size
+    but x. Shapes as in :func:`lora_linear`; returns ``(..., N)``. ``kernels=False`` keeps the Triton kernels
+    out (the PyTorch path of the same formulation).
+
+    Example:
+        >>> x, w = torch.randn(3, 5, 8), torch.randn(6, 8)
+        >>> one = LoRABranch(torch.randn(2, 8), torch.randn(6, 2), 0.5)
+        >>> two = LoRABranch(torch.randn(4, 8), torch.randn(6, 4), 2.0, rows=torch.tensor([0, 2]))
+        >>> lora_linear_multi(x, w, None, [one, two]).shape
+        torch.Size([3, 5, 6])
+    """
+    whole = [br for br in branches if br.rows is None]
+    rest = [br for br in branches if br.rows is not None]
+    if whole:
+        first, rest = whole[0], whole[1:] + rest
+        fused_bias = first.bias if bias is None else (bias if first.bias is None else bias + first.bias)
+        args = (x, weight, fused_bias, first.lora_a, first.lora_b, first.scale, first.dropout_p)
+        y = lora_linear(*args) if kernels else lora_linear_addmm(*args, ops="torch")
+    else:
+        y = F.linear(x, weight, bias)
+    for br in rest:
+        ops = "triton" if kernels and lora_route(x, br.lora_a, True) != "torch" else "torch"
+        y = lora_accumulate(y, x, br.lora_a, br.lora_b, br.scale, br.dropout_p, br.bias, br.rows, ops=ops)
+    return y
 
 
 def adapter_bottleneck(

@@ -1,7 +1,10 @@
 """Fused LoRA linear in Triton: ``y = x·Wᵀ + bias + s·(x̃·Aᵀ)·Bᵀ`` forward and backward.
 
 Layering (as in Liger-Kernel): ``@triton.jit`` kernels → launchers that check, allocate and
-launch → the thin :class:`LoRALinearFunction`. Import lazily (this module imports triton).
+launch → ``torch.library`` custom ops (``lightning_peft::lora_fused_fwd`` / ``lora_fused_bwd``, and the
+skinny ``lora_skinny`` / ``lora_dy_pass`` of the cuBLAS-backed path) with fake (shape) functions and
+the forward op's autograd, so ``torch.compile`` keeps them in its graphs. Import lazily (this module
+imports triton).
 
 Shapes: ``x`` ``(M, K)`` (leading dims flattened), ``W`` ``(N, K)``, ``bias`` ``(N,)``,
 ``A`` ``(r, K)``, ``B`` ``(N, r)``, ``s`` a float; ``x̃ = drop(x)`` (``x̃ = x`` without dropout).
@@ -50,9 +53,9 @@ from ._triton_common import (
     prune_configs,
 )
 from .limits import MAX_LORA_RANK
-from .reference import check_lora_args
+from .reference import check_lora_args, no_autocast
 
-__all__ = ["LoRALinearFunction", "lora_linear_triton"]
+__all__ = ["fused_backward", "fused_forward", "lora_dy_pass", "lora_fused_bwd", "lora_fused_fwd", "lora_linear_triton", "lora_skinny"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,58 +500,118 @@ def _dy_pass(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tenso
 
 
 # --------------------------------------------------------------------------------------------
-# autograd.Function
+# custom ops (torch.compile keeps them in its graphs) and their autograd
 # --------------------------------------------------------------------------------------------
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """Autograd wrapper over the launchers; inputs are 2-D ``(M, K)``, one dtype, one device.
+@torch.library.custom_op("lightning_peft::lora_skinny", mutates_args=())
+def lora_skinny(p: Tensor, q: Tensor, split: bool = False) -> Tensor:
+    """:func:`_skinny` as an op: ``p·q`` ``(I, R)`` in fp32 (float64 for float64) for ``p`` ``(I, L)``, ``q`` ``(L, R)``."""
+    with device_guard(p), no_autocast(p):
+        return _skinny(p, q, split)
 
-    ``xd`` is the dropped-out LoRA branch input or ``None`` (then the branch reads ``x``).
+
+@lora_skinny.register_fake
+def _(p, q, split=False):
+    return p.new_empty((p.shape[0], q.shape[1]), dtype=precision_for(p.dtype).acc_torch)
+
+
+@torch.library.custom_op("lightning_peft::lora_dy_pass", mutates_args=())
+def lora_dy_pass(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`_dy_pass` as an op: ``(dh, dB) = (s·dy·B, s·dyᵀ·h)`` ``((M, r), (N, r))`` in fp32, one read of dy."""
+    with device_guard(dy), no_autocast(dy):
+        return _dy_pass(dy, h, lora_b, scale)
+
+
+@lora_dy_pass.register_fake
+def _(dy, h, lora_b, scale):
+    acc = precision_for(dy.dtype).acc_torch
+    return dy.new_empty((dy.shape[0], lora_b.shape[1]), dtype=acc), dy.new_empty(tuple(lora_b.shape), dtype=acc)
+
+
+def fused_forward(x: Tensor, xd: Tensor | None, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
+                  lora_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Forward kernels 1-2: ``(y, h)`` with ``h = x̃·Aᵀ`` ``(M, r)`` fp32 and ``y = x·Wᵀ + bias + s·h·Bᵀ`` ``(M, N)``.
+
+    2-D inputs; ``xd`` is the dropped-out branch input or ``None`` (then the branch reads ``x``). The body of
+    the op ``lightning_peft::lora_fused_fwd`` (:func:`lora_fused_fwd`, which has the autograd).
     """
+    with device_guard(x), no_autocast(x):
+        h = _skinny(x if xd is None else xd, lora_a.t())
+        return _gemm(x, weight.t(), h, lora_b.t(), bias, scale, x.dtype), h
 
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, xd, weight, bias, lora_a, lora_b, scale):
-        with device_guard(x):
-            branch = x if xd is None else xd
-            h = _skinny(branch, lora_a.t())  # (M, r) fp32: x̃·Aᵀ
-            y = _gemm(x, weight.t(), h, lora_b.t(), bias, scale, x.dtype)
-        ctx.scale = scale
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, xd, weight, lora_a, lora_b, h)
-        return y
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x, xd, weight, lora_a, lora_b, h = ctx.saved_tensors
-        need_x, need_xd, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        s = ctx.scale
-        dx = dxd = dw = dbias = da = db = None
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        branch = x if xd is None else xd
-        with device_guard(dy):
-            need_dh = need_a or need_x or need_xd
-            if need_dh or need_b:
-                dh, db = _dy_pass(dy, h, lora_b, s)  # dh = s·dy·B, dB = s·dyᵀ·h
-            if need_a:  # dA = dhᵀ·x̃, computed as (x̃ᵀ·dh)ᵀ; before dx so its partials never coexist with dx
-                da = _skinny(branch.t(), dh, split=True).t().to(lora_a.dtype)
-                da = da.contiguous()
-            if need_x:
-                if xd is None:  # dx = dy·W + dh·A, rank-r term in the GEMM epilogue
-                    dx = _gemm(dy, weight, dh, lora_a, None, 1.0, x.dtype)
-                else:
-                    dx = _gemm(dy, weight, None, None, None, 1.0, x.dtype)
-            if need_xd:
-                dxd = torch.mm(dh.to(x.dtype), lora_a.to(x.dtype))  # dropout fallback: torch applies the mask
-            if need_w:
-                dw = torch.mm(dy.t(), x)
-            if need_bias:
-                dbias = dy.sum(0, dtype=ctx.bias_dtype)
-        if db is not None:
-            db = db.to(lora_b.dtype) if need_b else None
-        return dx, dxd, dw, dbias, da, db, None
+lora_fused_fwd = torch.library.custom_op("lightning_peft::lora_fused_fwd", fused_forward, mutates_args=())
+
+
+@lora_fused_fwd.register_fake
+def _(x, xd, weight, bias, lora_a, lora_b, scale):
+    acc = precision_for(x.dtype).acc_torch
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]), dtype=acc)
+
+
+#: The inputs of ``lora_fused_fwd`` that have gradients, in order; ``lora_fused_bwd`` returns those asked for.
+_GRAD_INPUTS = ("x", "xd", "weight", "bias", "lora_a", "lora_b")
+
+
+def fused_backward(dy: Tensor, x: Tensor, xd: Tensor | None, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                   h: Tensor, scale: float, bias_dtype: torch.dtype | None, needs: list[bool]) -> list[Tensor]:
+    """Backward kernels 3-5: the gradients of ``x, xd, weight, bias, lora_a, lora_b`` flagged in ``needs``, in that order.
+
+    ``dh, dB`` from one pass over dy; ``dA = dhᵀ·x̃`` ``(r, K)``; ``dx = dy·W + dh·A`` ``(M, K)`` (with dropout
+    ``dx = dy·W`` and ``dx̃ = dh·A``); ``dW = dyᵀ·x`` ``(N, K)``; ``dbias = Σ_rows dy`` ``(N,)`` in ``bias_dtype``.
+    Adapter gradients take the dtype of ``lora_a`` / ``lora_b`` (fp32 masters: fp32 sums, never 16-bit ones).
+    The body of the op ``lightning_peft::lora_fused_bwd`` (:func:`lora_fused_bwd`).
+    """
+    need_x, need_xd, need_w, need_bias, need_a, need_b = needs
+    out = {}
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    branch = x if xd is None else xd
+    with device_guard(dy), no_autocast(dy):
+        if need_a or need_b or need_x or need_xd:
+            dh, db = _dy_pass(dy, h, lora_b, scale)  # dh = s·dy·B, dB = s·dyᵀ·h
+            if need_b:
+                out["lora_b"] = db.to(lora_b.dtype)
+        if need_a:  # dA = (x̃ᵀ·dh)ᵀ; before dx so its partials never coexist with dx
+            out["lora_a"] = _skinny(branch.t(), dh, split=True).t().to(lora_a.dtype).contiguous()
+        if need_x:  # dx = dy·W + dh·A, rank-r term in the GEMM epilogue (without it under dropout)
+            dx = _gemm(dy, weight, dh, lora_a, None, 1.0, x.dtype) if xd is None else _gemm(dy, weight, None, None, None, 1.0, x.dtype)
+            out["x"] = dx
+        if need_xd:
+            out["xd"] = torch.mm(dh.to(x.dtype), lora_a.to(x.dtype))  # torch's dropout backward applies the mask
+        if need_w:
+            out["weight"] = torch.mm(dy.t(), x)
+        if need_bias:
+            out["bias"] = dy.sum(0, dtype=bias_dtype)
+    return [out[k] for k, need in zip(_GRAD_INPUTS, needs) if need]
+
+
+lora_fused_bwd = torch.library.custom_op("lightning_peft::lora_fused_bwd", fused_backward, mutates_args=())
+
+
+@lora_fused_bwd.register_fake
+def _(dy, x, xd, weight, lora_a, lora_b, h, scale, bias_dtype, needs):
+    shapes = {"x": (x.shape, x.dtype), "xd": (x.shape, x.dtype), "weight": (weight.shape, x.dtype),
+              "bias": ((weight.shape[0],), bias_dtype), "lora_a": (lora_a.shape, lora_a.dtype),
+              "lora_b": (lora_b.shape, lora_b.dtype)}
+    return [dy.new_empty(tuple(shapes[k][0]), dtype=shapes[k][1]) for k, need in zip(_GRAD_INPUTS, needs) if need]
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    x, xd, weight, bias, lora_a, lora_b, scale = inputs
+    ctx.scale, ctx.bias_dtype = scale, None if bias is None else bias.dtype
+    ctx.save_for_backward(x, xd, weight, lora_a, lora_b, output[1])  # x (x̃ with dropout) and h only
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fused_backward(ctx, dy, _dh):
+    x, xd, weight, lora_a, lora_b, h = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = iter(lora_fused_bwd(dy, x, xd, weight, lora_a, lora_b, h, ctx.scale, ctx.bias_dtype, needs))
+    return (*(next(grads) if need else None for need in needs), None)
+
+
+torch.library.register_autograd("lightning_peft::lora_fused_fwd", _fused_backward, setup_context=_fused_setup_context)
 
 
 def lora_linear_triton(
@@ -585,6 +648,5 @@ def lora_linear_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     xd = F.dropout(x2, dropout_p, training=True) if dropout_p > 0 else None
-    with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFunction.apply(x2, xd, weight, bias, lora_a, lora_b, float(scale))
+    y, _ = lora_fused_fwd(x2, xd, weight, bias, lora_a, lora_b, float(scale))
     return y.reshape(*lead, n)

@@ -30,7 +30,7 @@ from torch import Tensor
 from .limits import MAX_LORA_RANK
 from .reference import autocast_cast, check_lora_args, check_master_dtypes, device_guard
 
-__all__ = ["LoRAAddmmFunction", "dy_pass_torch", "lora_linear_addmm", "skinny_torch"]
+__all__ = ["LoRAAccumulateFunction", "LoRAAddmmFunction", "dy_pass_torch", "lora_accumulate", "lora_linear_addmm", "skinny_torch"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -128,22 +128,7 @@ def lora_linear_addmm(
     check_lora_args(x, weight, bias, lora_a, lora_b)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if ops == "auto":
-        from .dispatch import triton_available
-
-        ops = "triton" if x.is_cuda and triton_available() else "torch"
-    if ops == "triton":
-        if lora_a.shape[0] > MAX_LORA_RANK:
-            raise ValueError(f"LoRA rank r={lora_a.shape[0]} is larger than the Triton kernels' maximum {MAX_LORA_RANK}")
-        from ._triton_common import check_device
-        from .lora import _dy_pass, _skinny
-
-        check_device(x)
-        fns = (_skinny, _dy_pass)
-    elif ops == "torch":
-        fns = (skinny_torch, dy_pass_torch)
-    else:
-        raise ValueError(f"ops must be 'auto', 'triton' or 'torch', got {ops!r}")
+    fns = _ops(ops, x, lora_a.shape[0])
     x, weight, bias, lora_a, lora_b = autocast_cast(x.device.type, x, weight, bias, lora_a, lora_b)
     if weight.dtype != x.dtype:
         raise TypeError(f"dtype mismatch: x is {x.dtype} but weight is {weight.dtype}; cast them to one dtype")
@@ -157,3 +142,136 @@ def lora_linear_addmm(
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAAddmmFunction.apply(x2, xd, weight, bias, lora_a, lora_b, float(scale), fns)
     return y.reshape(*lead, n)
+
+
+class LoRAAccumulateFunction(torch.autograd.Function):
+    """``y`` plus ``s·(x̃·Aᵀ)·Bᵀ + bias`` on ``rows``; 2-D ``y`` ``(M, N)`` and ``x`` ``(M, K)``, ``ops = (skinny, dy_pass)``.
+
+    ``rows`` ``(m,)`` int64 or ``None`` (every row); ``xd`` ``(m, K)`` is the dropped-out ``x[rows]`` or ``None``.
+    Saves x (x̃ with dropout) and ``u = x̃·Aᵀ`` ``(m, r)`` only. Backward, with ``dy_r = dy[rows]``:
+    ``(dh, dB) = (s·dy_r·B, s·dy_rᵀ·u)``, ``dA = dhᵀ·x̃`` ``(r, K)``, ``dx[rows] = dh·A``, ``dbias = Σ dy_r``
+    and ``dy`` itself for ``y``.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, y, x, xd, lora_a, lora_b, bias, rows, scale, ops):
+        skinny, _ = ops
+        dt = y.dtype
+        with device_guard(x):
+            src = xd if xd is not None else (x if rows is None else x.index_select(0, rows))
+            u = skinny(src, lora_a.t())  # (m, r) fp32: x̃·Aᵀ
+            us, bt = (u * scale).to(dt), lora_b.to(dt).t()
+            if rows is None:
+                out = torch.addmm(y, us, bt)  # one read of y, one write of the sum
+                if bias is not None:
+                    out.add_(bias.to(dt))
+            else:
+                t = torch.mm(us, bt) if bias is None else torch.addmm(bias.to(dt), us, bt)
+                out = y.index_add(0, rows, t)
+        ctx.scale, ctx.ops, ctx.n_rows = scale, ops, x.shape[0]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x if xd is None else None, xd, lora_a, lora_b, u, rows)
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x, xd, lora_a, lora_b, u, rows = ctx.saved_tensors
+        _, need_x, need_xd, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
+        skinny, dy_pass = ctx.ops
+        dx = dxd = da = db = dbias = None
+        dyr = dy if rows is None else dy.index_select(0, rows)
+        dyr = dyr if dyr.stride(-1) == 1 else dyr.contiguous()
+        with device_guard(dy):
+            if need_a or need_b or need_x or need_xd:
+                dh, db = dy_pass(dyr, u, lora_b, ctx.scale)  # dh = s·dy_r·B, dB = s·dy_rᵀ·u
+                db = db.to(lora_b.dtype) if need_b else None
+            if need_a:
+                src = xd if xd is not None else (x if rows is None else x.index_select(0, rows))
+                da = skinny(src.t(), dh, split=True).t().to(lora_a.dtype).contiguous()
+            if need_x or need_xd:
+                dt = dy.dtype
+                rank = torch.mm(dh.to(dt), lora_a.to(dt))  # dh·A (m, K)
+                if need_xd:
+                    dxd = rank
+                elif rows is None:
+                    dx = rank
+                else:
+                    dx = rank.new_zeros((ctx.n_rows, rank.shape[1])).index_add_(0, rows, rank)
+            if need_bias:
+                dbias = dyr.sum(0, dtype=ctx.bias_dtype)
+        return dy, dx, dxd, da, db, dbias, None, None, None
+
+
+def _ops(ops: str, x: Tensor, r: int) -> tuple:
+    """The ``(skinny, dy_pass)`` pair for ``ops`` (see :func:`lora_linear_addmm`)."""
+    if ops == "auto":
+        from .dispatch import triton_available
+
+        ops = "triton" if x.is_cuda and triton_available() else "torch"
+    if ops == "triton":
+        if r > MAX_LORA_RANK:
+            raise ValueError(f"LoRA rank r={r} is larger than the Triton kernels' maximum {MAX_LORA_RANK}")
+        from ._triton_common import check_device
+        from .lora import lora_dy_pass, lora_skinny
+
+        check_device(x)
+        return lora_skinny, lora_dy_pass
+    if ops == "torch":
+        return skinny_torch, dy_pass_torch
+    raise ValueError(f"ops must be 'auto', 'triton' or 'torch', got {ops!r}")
+
+
+def lora_accumulate(
+    y: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    bias: Tensor | None = None,
+    rows: Tensor | None = None,
+    ops: str = "auto",
+) -> Tensor:
+    """``y + s·(drop(x)·Aᵀ)·Bᵀ + bias`` on the items ``rows`` of x's first dim: the rank-r term accumulated onto ``y``.
+
+    One more LoRA adapter on an output that has its base GEMM already (several adapters, mixed batches): one
+    ``addmm`` onto y (``index_add`` for rows), no full-size intermediate of its own. Shapes: ``y`` ``(B, ..., N)`` (the output of a
+    differentiable op or any tensor), ``x`` ``(B, ..., K)``, ``lora_a`` ``(r, K)``, ``lora_b`` ``(N, r)``,
+    ``bias`` ``(N,)`` or ``None``, ``rows`` ``(b,)`` indices into ``B`` or ``None`` (all). Returns the sum
+    (y itself is not modified: autograd and ``torch.compile`` stay simple). The adapter tensors have x's dtype or are fp32 masters on a 16-bit x (fp32 gradients);
+    ``ops`` as in :func:`lora_linear_addmm`. Saves x (x̃ with dropout) and ``x̃·Aᵀ`` only.
+
+    Example:
+        >>> x, w = torch.randn(2, 5, 8), torch.randn(6, 8)
+        >>> a, b = torch.randn(4, 8), torch.randn(6, 4)
+        >>> y = lora_accumulate(x @ w.t(), x, a, b, 0.5, rows=torch.tensor([1]), ops="torch")
+        >>> torch.allclose(y[1], x[1] @ w.t() + 0.5 * (x[1] @ a.t()) @ b.t(), atol=1e-5), torch.equal(y[0], x[0] @ w.t())
+        (True, True)
+    """
+    n, k = lora_b.shape[0], x.shape[-1]
+    check_lora_args(x, lora_b.new_empty((n, k)), bias, lora_a, lora_b)
+    if y.shape != (*x.shape[:-1], n):
+        raise ValueError(f"y must have shape {(*x.shape[:-1], n)} (x's leading dims, out_features), got {tuple(y.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    fns = _ops(ops, x, lora_a.shape[0])
+    x, lora_a, lora_b, bias = autocast_cast(x.device.type, x, lora_a, lora_b, bias)
+    check_master_dtypes(x, "x", {"bias": bias, "lora_a": lora_a, "lora_b": lora_b})
+    if y.dtype != x.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but y is {y.dtype}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    flat = None
+    if rows is not None:  # items of the first dim -> rows of the flattened (M, K)
+        per = x2.shape[0] // max(1, x.shape[0]) if x.dim() > 1 else 1
+        rows = rows.to(device=x.device, dtype=torch.long)
+        flat = (rows[:, None] * per + torch.arange(per, device=x.device)).reshape(-1)
+    xd = None
+    if dropout_p > 0:
+        xd = F.dropout(x2 if flat is None else x2.index_select(0, flat), dropout_p, training=True)
+    with torch.autocast(x.device.type, enabled=False):
+        out = LoRAAccumulateFunction.apply(y.reshape(-1, n), x2, xd, lora_a, lora_b, bias, flat, float(scale), fns)
+    return out.reshape(y.shape)

@@ -23,6 +23,7 @@ __all__ = [
     "check_lora_args",
     "check_master_dtypes",
     "lora_linear_reference",
+    "no_autocast",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -67,6 +68,11 @@ def check_master_dtypes(compute: Tensor, compute_name: str, adapters: dict[str, 
 def device_guard(t: Tensor):
     """``torch.cuda.device(t.device)`` for CUDA tensors (nothing assumes device 0), else a no-op."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def no_autocast(t: Tensor):
+    """``torch.autocast(t.device.type, enabled=False)`` where autocast exists (CUDA, CPU), else a no-op (meta)."""
+    return torch.autocast(t.device.type, enabled=False) if t.device.type in ("cuda", "cpu") else contextlib.nullcontext()
 
 
 def autocast_cast(device_type: str, *tensors):

@@ -366,49 +366,58 @@ class LoRALayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         routes = self.routes(x.shape[0])
-        single = self._single_linear(x, routes) if routes and not args and not kwargs else None
-        if single is not None:
-            return single
+        fast = self._lora_linear(x, routes) if routes and not args and not kwargs else None
+        if fast is not None:
+            return fast
         y = base_y = self.base_layer(x, *args, **kwargs)
-        for names, index in routes:
+        for names, index in routes:  # Conv2d, embeddings, DoRA, quantized bases: each adapter's own forward
             xs = x if index is None else x.index_select(0, index.to(x.device))
             ys = base_y if index is None else base_y.index_select(0, index.to(base_y.device))
             delta = sum(self.adapters[n](xs, self.base_layer, ys) for n in names).to(y.dtype)
             y = y + delta if index is None else y.index_add(0, index.to(y.device), delta)
         return y
 
-    def _single_linear(self, x: torch.Tensor, routes: list) -> torch.Tensor | None:
-        """One whole-batch adapter on an ``nn.Linear``: ``kernels.lora_linear`` on the layer's tensors; else ``None``.
+    def _lora_weight(self) -> torch.Tensor | None:
+        """The base weight as ``(out, in)`` for ``kernels.lora_linear_multi`` (Conv1D's transposed view), or ``None``."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
+            return base.weight
+        if is_conv1d(base):
+            return base.weight.t()
+        return None
 
-        That one entry runs the fused Triton kernel on CUDA (the base GEMM with the rank-r term in its
-        epilogue, saving only x and x·Aᵀ for backward) and :func:`~lightning_peft.kernels.lora_linear_reference`
-        elsewhere; with ``LoRAConfig(use_kernels=False)`` the reference always. Kernels are also turned off
-        by ``use_kernels(False)`` and ``LIGHTNING_PEFT_KERNELS=0``. Adapters in fp32 on a half-precision base
-        go in as they are: the branch computes from x's dtype with fp32 sums and their gradients come back
-        in fp32 (as HF PEFT's); other adapter dtypes are cast to x's. DoRA adapters take the reference path of
-        :meth:`LoRA.forward` (no fused kernel).
+    def _lora_linear(self, x: torch.Tensor, routes: list) -> torch.Tensor | None:
+        """Plain LoRA on an ``nn.Linear`` / Conv1D: every route through :func:`~lightning_peft.kernels.lora_linear_multi`; else ``None``.
+
+        Whole-batch adapters and the rows of a mixed batch (``adapter_batch``) are branches of that one entry:
+        the first whole-batch adapter runs with the base GEMM (fused Triton kernel or cuBLAS-backed path on
+        CUDA, the same ordering in PyTorch elsewhere), the others accumulate their rank-r terms into its output,
+        each saving x and its ``x·Aᵀ`` only. Dropout per adapter (training only), bias deltas as branch biases.
+        Adapters in fp32 on a 16-bit base go in as they are (16-bit operands, fp32 sums, fp32 gradients, as
+        HF PEFT's fp32 adapters); other adapter dtypes are cast to x's. ``LoRAConfig(use_kernels=False)`` on
+        any of them, ``use_kernels(False)`` or ``LIGHTNING_PEFT_KERNELS=0`` keep Triton out. DoRA adapters,
+        Conv2d, embeddings and quantized bases take :meth:`LoRA.forward`.
         """
-        if len(routes) != 1 or x.shape[-1] == 0 or not x.is_floating_point():
-            return None
-        names, index = routes[0]
-        if index is not None or len(names) != 1:
-            return None
-        adapter = self.adapters[names[0]]
-        if adapter.kind != "linear" or adapter.dora or type(self.base_layer) is not nn.Linear:
+        weight = self._lora_weight()
+        if weight is None or x.shape[-1] == 0 or not x.is_floating_point():
             return None
         from ..kernels import dispatch
 
-        base = self.base_layer
-        a, b, bias = adapter.lora_A, adapter.lora_B, base.bias
-        masters = a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)  # fp32 grads for fp32 adapters
-        if adapter.bias_delta is not None:
-            bias = adapter.bias_delta if bias is None else bias + (adapter.bias_delta if masters else adapter.bias_delta.to(bias.dtype))
-        if not torch.is_autocast_enabled(x.device.type) and not masters:
-            a, b = a.to(x.dtype), b.to(x.dtype)
-            bias = bias.to(x.dtype) if bias is not None else None
-        p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) and self.training else 0.0
-        fn = dispatch.lora_linear if self.configs[names[0]].use_kernels else dispatch.lora_linear_reference
-        return fn(x, base.weight, bias, a, b, adapter.scale, p)
+        cast = not torch.is_autocast_enabled(x.device.type)
+        branches, kernels = [], True
+        for names, index in routes:
+            for name in names:
+                adapter = self.adapters[name]
+                if adapter.dora:
+                    return None
+                a, b, bias = adapter.lora_A, adapter.lora_B, adapter.bias_delta
+                masters = a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
+                if cast and not masters:
+                    a, b, bias = a.to(x.dtype), b.to(x.dtype), None if bias is None else bias.to(x.dtype)
+                p = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) and self.training else 0.0
+                branches.append(dispatch.LoRABranch(a, b, adapter.scale, p, bias, index))
+                kernels = kernels and self.configs[name].use_kernels
+        return dispatch.lora_linear_multi(x, weight, self.base_layer.bias, branches, kernels)
 
     def merge_blocker(self) -> str | None:
         return quantized_merge_blocker(self.base_layer)
