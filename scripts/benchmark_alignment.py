@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sft-adapter", help="grpo: the SFT adapter folder to start from (merged into the weights first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output folder (default: docs/results/smollm2_<task>)")
-    parser.add_argument("--pairs", default=str(PAIRS), help=f"dpo: the pairs file, made when missing (default: {PAIRS.relative_to(REPO)})")
+    parser.add_argument("--pairs", help=f"dpo: a JSONL of {{prompt, chosen, rejected}} pairs to use as they are (default: made by "
+                        f"make_dpo_pairs.py into {PAIRS.relative_to(REPO)}, reused while its fingerprint matches)")
     parser.add_argument("--num-articles", type=int, default=200, help="dpo: articles answered to make the pairs")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for both runs")
     args = parser.parse_args(argv)
@@ -122,8 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "train one with `scripts/benchmark_strategies.py --task smollm2_topics --methods lora --seeds 0`")
         common.append(f"model.sft_adapter={Path(args.sft_adapter).resolve()}")
     else:
-        make_pairs(Path(args.pairs), args.num_articles, out / "runs" / "make_dpo_pairs.log")
-        common.append(f"data.train={Path(args.pairs).resolve()}")
+        pairs = Path(args.pairs) if args.pairs else PAIRS
+        if args.pairs is None:
+            make_pairs(pairs, args.num_articles, out / "runs" / "make_dpo_pairs.log")
+        elif not pairs.is_file():
+            raise SystemExit(f"--pairs {pairs}: no such file")
+        common.append(f"data.train={pairs.resolve()}")
     keys = [k for k, _ in task.metrics]
     results: dict[str, Any] = {}
     for name, overrides in (("before", ["train=false"]), ("trained", task.train)):

