@@ -149,6 +149,17 @@ LORA_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "olora": ("OLoRA init (lr 5e-4)", ["peft=pissa", "peft.init=olora"]),
 }
 
+# The LoRA family on the LLM topic task: every variant on all linear layers, plain LoRA at the LLM table's rate.
+LLM_LORA_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "lora": ("LoRA r=8 (lr 1e-3)", ["peft=lora", "peft.lr=1e-3"]),
+    "rslora": ("rsLoRA: scale alpha/sqrt(r) (lr 1e-3)", ["peft=lora", "peft.use_rslora=true", "peft.lr=1e-3"]),
+    "dora": ("DoRA (lr 1e-3)", ["peft=dora", "peft.lr=1e-3"]),
+    "lora_plus": ("LoRA+ (A at 2e-4, B at 16x)", ["peft=lora_plus", "peft.lr=2e-4"]),
+    "pissa": ("PiSSA init (lr 2e-4)", ["peft=pissa", "peft.lr=2e-4"]),
+    "olora": ("OLoRA init (lr 2e-4)", ["peft=pissa", "peft.init=olora", "peft.lr=2e-4"]),
+}
+LLM_LORA_VARIANTS = {name: (f"{label}, all linear layers", [*o, "peft.target_modules=all-linear"]) for name, (label, o) in LLM_LORA_VARIANTS.items()}
+
 TASKS: dict[str, Task] = {
     "bbc_news": Task("BBC News topics (5 classes), all-MiniLM-L6-v2", [], BUDGETS, METHODS),
     "bbc_lora_variants": Task("The LoRA family on BBC News topics (5 classes), all-MiniLM-L6-v2", [], BUDGETS, LORA_VARIANTS),
@@ -159,6 +170,10 @@ TASKS: dict[str, Task] = {
     "smollm2_headlines": Task(
         "BBC News headline generation, SmolLM2-135M-Instruct", ["experiment=smollm2_headlines"], LLM_BUDGETS, LLM_METHODS,
         LLM_EXCLUDED, ("val/rougeL", "val/exact_match"), ("ROUGE-L", "exact match"),
+    ),
+    "smollm2_lora_variants": Task(
+        "The LoRA family on BBC News topic as one generated word, SmolLM2-135M-Instruct", ["experiment=smollm2_topics"], LLM_BUDGETS,
+        LLM_LORA_VARIANTS, {}, ("val/exact_match", "val/rougeL"), ("exact match", "ROUGE-L"),
     ),
     "smollm2_topics": Task(
         "BBC News topic as one generated word, SmolLM2-135M-Instruct", ["experiment=smollm2_topics"], LLM_BUDGETS, LLM_METHODS,
