@@ -132,3 +132,35 @@ def test_under_compile_tracing_the_table_or_the_rule_without_timing(timed, monke
 def test_real_timing_never_runs_on_cpu():
     x, w, a = torch.empty(1024, K, dtype=torch.bfloat16), torch.empty(64, K, dtype=torch.bfloat16), torch.empty(8, K)
     assert path_tuning.time_paths(x, w, None, a) == {}
+
+
+@pytest.mark.parametrize("transposed,base_trains", [(False, False), (True, True)])
+def test_timing_body_runs_both_paths_apart_from_the_callers_autograd_and_rng(transposed, base_trains):
+    """The timing itself on CPU (interpreter kernels, a CPU timer): both paths run forward and backward on fresh
+    tensors; the caller's gradients, saved-tensor hooks (checkpointing) and RNG stream are untouched."""
+    pytest.importorskip("triton")
+    N, r = 20, 4
+    x = torch.randn(3, 8, K, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(K, N).t() if transposed else torch.randn(N, K)).bfloat16().requires_grad_(base_trains)
+    b = torch.randn(N, dtype=torch.bfloat16, requires_grad=base_trains)
+    a = torch.randn(r, K, requires_grad=True)  # fp32 adapter masters on a bf16 base
+    grads = []
+
+    def timer(fn, reps):
+        grads.append(fn())
+        return float(len(grads))
+
+    def refuse(t):
+        raise AssertionError("the caller's saved-tensor hooks were used")
+
+    rng = torch.get_rng_state()
+    with torch.autograd.graph.saved_tensors_hooks(refuse, refuse):
+        times = path_tuning.time_paths(x, w, b, a, timer=timer)
+    assert times == {"fused": 1.0, "addmm": 2.0}
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(t.grad is None for t in (x, w, b, a))
+    n_inputs = 5 if base_trains else 3  # x, A, B (+ W, bias)
+    for g in grads:
+        assert len(g) == n_inputs and all(torch.isfinite(t).all() for t in g)
+    for gf, ga in zip(*grads):  # the two paths compute the same gradients
+        torch.testing.assert_close(gf.float(), ga.float(), rtol=0.05, atol=0.05)

@@ -30,8 +30,11 @@ import torch
 from torch import Tensor
 
 from .limits import autotune_enabled, m_bucket
+from .reference import device_guard, no_autocast
 
-__all__ = ["PathChoice", "PathKey", "choose_path", "clear_tuned_paths", "path_key", "time_paths", "tuned_paths"]
+__all__ = [
+    "PathChoice", "PathKey", "choose_path", "clear_tuned_paths", "cuda_median_ms", "path_key", "time_paths", "tuned_paths",
+]
 
 #: Timed calls per path after one warm-up (the median is kept).
 REPS = 5
@@ -79,8 +82,10 @@ def clear_tuned_paths() -> None:
     _TABLE.clear()
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up: compiles and autotunes the kernels of this path for the shape
+def cuda_median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` calls (CUDA events), after one warm-up call that compiles and
+    autotunes the kernels of this path for the shape."""
+    fn()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -92,13 +97,14 @@ def _median_ms(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
-def time_paths(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, reps: int = REPS) -> dict[str, float]:
+def time_paths(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, reps: int = REPS,
+               timer: Callable[[Callable[[], object], int], float] = cuda_median_ms) -> dict[str, float]:
     """Milliseconds of forward + backward per path (``"fused"``, ``"addmm"``) on fresh tensors shaped as the call.
 
     Gradients for x and the adapter, and for the base when it trains. Returns ``{}`` (no timing) for non-CUDA
-    tensors or when the fresh tensors do not fit in GPU memory.
+    tensors with the default ``timer`` (the tests pass a CPU one) or when the tensors do not fit in GPU memory.
     """
-    if not x.is_cuda:
+    if not x.is_cuda and timer is cuda_median_ms:
         return {}
     from .dispatch import lora_linear_addmm, lora_linear_triton  # dispatch imports this module
 
@@ -111,7 +117,7 @@ def time_paths(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, r
 
     base_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     try:
-        with torch.cuda.device(dev), torch.autocast("cuda", enabled=False), torch.enable_grad(), \
+        with device_guard(x), no_autocast(x), torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             xs = randn(M, K).requires_grad_()
             w = randn(K, N, std=K ** -0.5).t() if weight.stride(-1) != 1 else randn(N, K, std=K ** -0.5)
@@ -123,7 +129,7 @@ def time_paths(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, r
             inputs = [t for t in (xs, w, b, a, bb) if t is not None and t.requires_grad]
             paths = {"fused": lambda: lora_linear_triton(xs, w, b, a, bb, 1.0),
                      "addmm": lambda: lora_linear_addmm(xs, w, b, a, bb, 1.0, ops="triton")}
-            return {name: _median_ms(lambda f=f: torch.autograd.grad(f(), inputs, dy), reps) for name, f in paths.items()}
+            return {name: timer(lambda f=f: torch.autograd.grad(f(), inputs, dy), reps) for name, f in paths.items()}
     except torch.cuda.OutOfMemoryError:
         return {}
 
