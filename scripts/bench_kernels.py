@@ -10,7 +10,9 @@ forward+backward, in bf16, and prints every time as a ratio to the floor measure
   (``lora_linear_triton``; on sm_90+ also ``triton_no_tma``, the pointer-based GEMM instead of the
   TMA one) and HF PEFT's LoRA layer when ``peft`` imports.
 * The same LoRA rows also for ``addmm`` (the cuBLAS-backed path: skinny Triton kernels for the rank-r
-  terms, ``addmm`` with beta=1 for the big GEMMs) and ``dispatch`` (``lora_linear``, the path it picks).
+  terms, ``addmm`` with beta=1 for the big GEMMs) and ``dispatch`` (``lora_linear``, the path it picks);
+  after them one line says which path the per-shape tuner (``kernels/path_tuning.py``) picked and the
+  times it measured (also in the JSON, ``autotuned["lora_path"]``).
 * Bare GEMM at the LoRA shapes (``--only gemm``): our Triton GEMM without the rank-r epilogue against
   cuBLAS, forward ``x·Wᵀ`` vs ``F.linear`` and dgrad ``dy·W`` vs ``dy @ W`` (also without TMA on sm_90+),
   with a parity check of their values: one ratio that says whether the fused path's GEMM can win.
@@ -188,6 +190,12 @@ def run_lora(M, K, N, args, results, checks):
     except Exception as e:
         print(f"  hf_peft skipped: {type(e).__name__}: {e}"[:200], flush=True)
     measure("lora", M, K, N, rows, x, dy, args, results)
+    from lightning_peft.kernels.limits import m_bucket
+    from lightning_peft.kernels.path_tuning import tuned_paths
+
+    picked = [c for k, c in tuned_paths().items() if (k.m_bucket, k.n, k.k, k.r) == (m_bucket(M), N, K, RANK)]
+    print(f"  lora path tuner {M}x{K}->{N}: " + ("; ".join(f"{c.path} ({', '.join(f'{p} {t:.4f} ms' for p, t in c.times_ms.items())})"
+                                                    for c in picked) or "not timed (the rule or a forced path)"), flush=True)
 
 
 def run_adapter(M, d, args, results, checks):
@@ -310,7 +318,7 @@ def measure(kind, M, K, N, rows, x, dy, args, results):
 
 
 def autotuned_configs():
-    from lightning_peft.kernels import bottleneck, lora
+    from lightning_peft.kernels import bottleneck, lora, path_tuning
 
     out = {}
     for mod in (lora, bottleneck):
@@ -318,6 +326,7 @@ def autotuned_configs():
             k = getattr(mod, name)
             if hasattr(k, "cache") and hasattr(k, "configs"):
                 out[name] = {str(key): str(cfg) for key, cfg in k.cache.items()}
+    out["lora_path"] = {str(tuple(key)): dict(path=c.path, times_ms=c.times_ms) for key, c in path_tuning.tuned_paths().items()}
     return out
 
 

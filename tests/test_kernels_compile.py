@@ -132,3 +132,31 @@ def test_opcheck_bottleneck_ops():
     z = _small(5, 3)
     torch.library.opcheck(bn.bottleneck_bwd, (_small(5, 8), x.detach(), wd.detach(), wu.detach(), z, "silu", 0.5, True,
                                               torch.float32, torch.float32, [True] * 5))
+
+
+@pytest.mark.parametrize("tuned", [None, "addmm"])
+def test_compile_routes_by_the_tuned_table_without_timing(monkeypatch, tuned):
+    """Under compile the route is the table's choice for the key, else the rule (fused); nothing is timed."""
+    from lightning_peft.kernels import path_tuning
+
+    monkeypatch.setattr(dispatch, "will_use_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
+    monkeypatch.delenv(dispatch.PATH_ENV_VAR, raising=False)
+    monkeypatch.setenv("LIGHTNING_PEFT_AUTOTUNE", "1")
+    monkeypatch.setattr(path_tuning, "time_paths", lambda *a, **k: pytest.fail("timed under compile"))
+    m, _ = lora_tensors(seed=3)
+    t = leaves({**m, "x": m["x"].repeat(1, 75, 1)}, torch.bfloat16, {"x", "lora_a", "lora_b"})  # 525 rows
+    path_tuning.clear_tuned_paths()
+    if tuned:
+        key = path_tuning.path_key(t["x"], t["weight"], t["bias"], t["lora_a"], (9, 0))
+        path_tuning._TABLE[key] = path_tuning.PathChoice(tuned, {})
+    backend, seen = spying_backend()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda *a: lora_linear(*a, scale=0.5), backend=backend, fullgraph=True)
+        compiled(*[t[k] for k in LORA]).sum().backward()
+    finally:
+        path_tuning.clear_tuned_paths()
+        torch._dynamo.reset()
+    expected = "lora_skinny" if tuned == "addmm" else "lora_fused_fwd"
+    assert seen["forward"] == [f"lightning_peft.{expected}.default"]

@@ -16,20 +16,16 @@ Precision scheme used by every kernel (fp32 accumulation throughout):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .limits import AUTOTUNE_ENV_VAR, autotune_enabled, m_bucket  # noqa: F401  (re-exported for the kernel modules)
 from .reference import autocast_cast, device_guard  # noqa: F401  (re-exported for the kernel modules)
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
-
-#: ``LIGHTNING_PEFT_AUTOTUNE=0`` launches every kernel with its first config instead of timing
-#: them all on the first call per shape (the tests set it: correctness does not need the fastest one).
-AUTOTUNE_ENV_VAR = "LIGHTNING_PEFT_AUTOTUNE"
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _HALF = (torch.float16, torch.bfloat16)
@@ -99,9 +95,7 @@ def check_device(t: torch.Tensor) -> None:
 def prune_configs(configs, named_args, **kwargs):
     """``early_config_prune`` hook of every autotuned kernel: all configs, or the first one when
     ``LIGHTNING_PEFT_AUTOTUNE`` is ``0`` (read on every call that would autotune)."""
-    if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no"):
-        return configs[:1]
-    return configs
+    return configs if autotune_enabled() else configs[:1]
 
 
 def num_sms(device: torch.device) -> int:
@@ -112,12 +106,6 @@ def num_sms(device: torch.device) -> int:
 
 def next_pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
-
-
-def m_bucket(m: int) -> int:
-    """The autotune key for a row count (tokens): the next power of two (at least 128), so padded batches
-    of varying length share one tuned config per bucket instead of re-tuning for every new length."""
-    return next_pow2(m, 128)
 
 
 @triton.jit

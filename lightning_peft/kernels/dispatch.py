@@ -13,7 +13,8 @@ functions for shapes and registered autograd, so the compiled graph calls them, 
 
 LoRA has three paths (:func:`lora_route`): the fused GEMM of :mod:`.lora` (the rank-r term in the epilogue of
 our Triton GEMM), the cuBLAS-backed path of :mod:`.lora_addmm` (skinny Triton kernels for the rank-r terms,
-``addmm`` with beta=1 for the big GEMMs) and, everywhere else (CPU, float64, kernels off), that same
+``addmm`` with beta=1 for the big GEMMs; between these two the faster per shape and GPU, timed once,
+:mod:`.path_tuning`) and, everywhere else (CPU, float64, kernels off), that same
 formulation with PyTorch skinny ops: the rank-r term first, the base GEMM accumulated onto it in place,
 x and ``x·Aᵀ`` saved (measured faster on CPU than the autograd reference and HF PEFT's eager formula;
 ``scripts/bench_lora_cpu.py``). :func:`lora_linear_multi` takes several adapters and mixed batches.
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from .limits import FUSED_MIN_ROWS, KERNEL_DTYPES, MAX_BOTTLENECK, MAX_LORA_RANK
 from .lora_addmm import lora_accumulate, lora_linear_addmm  # triton-free: its Triton skinny kernels load on first use
+from .path_tuning import choose_path
 from .reference import adapter_bottleneck_reference
 
 __all__ = [
@@ -156,7 +158,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def lora_route(x: Tensor, lora_a: Tensor, needs_grad: bool) -> str:
+def lora_route(x: Tensor, lora_a: Tensor, needs_grad: bool, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> str:
     """The path of a :func:`lora_linear` call: ``"torch"``, ``"addmm"`` or ``"fused"``.
 
     * ``"torch"`` (:func:`lora_linear_addmm` with PyTorch skinny ops): :func:`will_use_triton` says no (CPU,
@@ -164,7 +167,9 @@ def lora_route(x: Tensor, lora_a: Tensor, needs_grad: bool) -> str:
     * ``"addmm"`` (cuBLAS for the big GEMMs, Triton skinny kernels): fp32 ``x`` (the fused GEMM would run fp32
       dots off the tensor cores), no gradient needed (``no_grad``/inference, eval, everything frozen), fewer
       than ``FUSED_MIN_ROWS`` rows (decoding), or a GPU other than Hopper (compute capability 9.x);
-    * ``"fused"``: the rest, fp16/bf16 training steps of many rows on Hopper.
+    * the rest, fp16/bf16 training steps of many rows on Hopper: with ``weight`` given, the faster of
+      ``"fused"`` and ``"addmm"`` for this shape and GPU, timed on the first call per shape
+      (:func:`.path_tuning.choose_path`; ``LIGHTNING_PEFT_AUTOTUNE=0`` skips the timing); else ``"fused"``.
 
     ``LIGHTNING_PEFT_LORA_PATH=fused|addmm`` forces a kernel path where the kernels run.
     """
@@ -174,9 +179,10 @@ def lora_route(x: Tensor, lora_a: Tensor, needs_grad: bool) -> str:
     if forced in ("fused", "addmm"):
         return forced
     rows = x.numel() // max(1, x.shape[-1])
-    if x.dtype == torch.float32 or not needs_grad or rows < FUSED_MIN_ROWS or _capability(x.device)[0] != 9:
+    capability = _capability(x.device)
+    if x.dtype == torch.float32 or not needs_grad or rows < FUSED_MIN_ROWS or capability[0] != 9:
         return "addmm"
-    return "fused"
+    return "fused" if weight is None else choose_path(x, weight, bias, lora_a, capability)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -208,7 +214,7 @@ def lora_linear(
         >>> lora_linear(x, w, None, a, b, scale=0.5).shape
         torch.Size([2, 5, 6])
     """
-    route = lora_route(x, lora_a, _needs_grad(x, weight, bias, lora_a, lora_b))
+    route = lora_route(x, lora_a, _needs_grad(x, weight, bias, lora_a, lora_b), weight, bias)
     if route == "fused":
         return lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, dropout_p)
     return lora_linear_addmm(x, weight, bias, lora_a, lora_b, scale, dropout_p, ops="triton" if route == "addmm" else "torch")

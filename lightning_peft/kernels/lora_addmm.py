@@ -1,8 +1,8 @@
 """LoRA linear on cuBLAS: skinny kernels for the rank-r terms, ``addmm`` with beta=1 for the big GEMMs.
 
 The second path of :func:`~lightning_peft.kernels.lora_linear` beside the fused GEMM of :mod:`.lora`,
-taken for fp32 inputs, calls without gradients, small M and GPUs other than Hopper
-(:func:`~lightning_peft.kernels.dispatch.lora_route` decides). ``W + B·A`` is never formed.
+taken for fp32 inputs, calls without gradients, small M and GPUs other than Hopper, and on Hopper for the
+shapes where it times faster (:func:`~lightning_peft.kernels.dispatch.lora_route` decides, with :mod:`.path_tuning`). ``W + B·A`` is never formed.
 
 Shapes: ``x`` ``(M, K)`` (leading dims flattened), ``W`` ``(N, K)``, ``bias`` ``(N,)``, ``A`` ``(r, K)``,
 ``B`` ``(N, r)``, ``s`` a float, ``x̃ = drop(x)``.
