@@ -434,3 +434,15 @@ def test_sft_adapter_is_merged_so_grpo_starts_from_the_sft_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(module(ids), sft(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(module(ids), word_llama()(input_ids=ids).logits, atol=1e-3)
+    # an SFT run's adapter names its modules from the LightningModule ("model.model.layers..."): merged alike
+    run = _module(word_llama())
+    inject(run, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for p, q in zip(run.parameters(), sft.parameters(), strict=True):
+            p.copy_(q)
+    save_adapter(run, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "adapter.json").read_text())["sites"][0]["module"].startswith("model.model.")
+    from_run = _module(word_llama(), sft_adapter=tmp_path / "run")
+    assert list_adapters(from_run.model) == []
+    with torch.no_grad():
+        torch.testing.assert_close(from_run(ids), sft(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
