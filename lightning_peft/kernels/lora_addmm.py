@@ -53,6 +53,27 @@ def dy_pass_torch(dy: Tensor, h: Tensor, lora_b: Tensor, scale: float) -> tuple[
     return (d @ lora_b.to(dy.dtype).to(acc)) * scale, (d.t() @ h.to(dy.dtype).to(acc)) * scale
 
 
+def _rank_r_backward(
+    ops: tuple, dy: Tensor, src: Tensor | None, u: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+    need_a: bool, need_b: bool, need_input: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of the rank-r term ``s·(x̃·Aᵀ)·Bᵀ`` from one read of ``dy`` ``(M, N)``: ``(dh·A, dA, dB)``.
+
+    ``dh = s·dy·B`` and ``dB = s·dyᵀ·u`` ``(N, r)`` (``u = x̃·Aᵀ`` ``(M, r)``), ``dA = dhᵀ·x̃`` ``(r, K)`` from
+    ``src`` = x̃ ``(M, K)``, and ``dh·A`` ``(M, K)`` in dy's dtype for the input's gradient; ``None`` where not needed.
+    """
+    skinny, dy_pass = ops
+    rank = da = db = None
+    if need_a or need_b or need_input:
+        dh, db = dy_pass(dy, u, lora_b, scale)
+        db = db.to(lora_b.dtype) if need_b else None
+        if need_a:  # dA = dhᵀ·x̃, as (x̃ᵀ·dh)ᵀ
+            da = skinny(src.t(), dh, split=True).t().to(lora_a.dtype).contiguous()
+        if need_input:
+            rank = torch.mm(dh.to(dy.dtype), lora_a.to(dy.dtype))
+    return rank, da, db
+
+
 class LoRAAddmmFunction(torch.autograd.Function):
     """Autograd wrapper of the path (module docstring); 2-D inputs, ``ops = (skinny, dy_pass)``."""
 
@@ -76,18 +97,12 @@ class LoRAAddmmFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, xd, weight, lora_a, lora_b, u = ctx.saved_tensors
         need_x, need_xd, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
-        skinny, dy_pass = ctx.ops
-        s, dt = ctx.scale, x.dtype
-        dx = dxd = dw = dbias = da = db = None
+        dx = dxd = dw = dbias = None
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         with device_guard(dy):
-            if need_a or need_b or need_x or need_xd:
-                dh, db = dy_pass(dy, u, lora_b, s)  # dh = s·dy·B, dB = s·dyᵀ·u
-                db = db.to(lora_b.dtype) if need_b else None
-            if need_a:  # dA = dhᵀ·x̃, as (x̃ᵀ·dh)ᵀ
-                da = skinny((x if xd is None else xd).t(), dh, split=True).t().to(lora_a.dtype).contiguous()
+            rank, da, db = _rank_r_backward(ctx.ops, dy, x if xd is None else xd, u, lora_a, lora_b, ctx.scale,
+                                            need_a, need_b, need_x or need_xd)
             if need_x or need_xd:
-                rank = torch.mm(dh.to(dt), lora_a.to(dt))  # dh·A (M, K)
                 if xd is None:
                     dx = rank.addmm_(dy, weight)  # beta=1: cuBLAS accumulates dy·W onto it
                 else:
@@ -179,20 +194,13 @@ class LoRAAccumulateFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, xd, lora_a, lora_b, u, rows = ctx.saved_tensors
         _, need_x, need_xd, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
-        skinny, dy_pass = ctx.ops
-        dx = dxd = da = db = dbias = None
+        dx = dxd = dbias = None
         dyr = dy if rows is None else dy.index_select(0, rows)
         dyr = dyr if dyr.stride(-1) == 1 else dyr.contiguous()
         with device_guard(dy):
-            if need_a or need_b or need_x or need_xd:
-                dh, db = dy_pass(dyr, u, lora_b, ctx.scale)  # dh = s·dy_r·B, dB = s·dy_rᵀ·u
-                db = db.to(lora_b.dtype) if need_b else None
-            if need_a:
-                src = xd if xd is not None else (x if rows is None else x.index_select(0, rows))
-                da = skinny(src.t(), dh, split=True).t().to(lora_a.dtype).contiguous()
+            src = (xd if xd is not None else (x if rows is None else x.index_select(0, rows))) if need_a else None
+            rank, da, db = _rank_r_backward(ctx.ops, dyr, src, u, lora_a, lora_b, ctx.scale, need_a, need_b, need_x or need_xd)
             if need_x or need_xd:
-                dt = dy.dtype
-                rank = torch.mm(dh.to(dt), lora_a.to(dt))  # dh·A (m, K)
                 if need_xd:
                     dxd = rank
                 elif rows is None:
