@@ -74,10 +74,11 @@ def make_pairs(path: Path, articles: int, log: Path) -> None:
             raise SystemExit(f"make_dpo_pairs.py failed; see {log}")
 
 
-def history(run_dir: Path, keys: list[str]) -> list[dict[str, float]]:
-    """The validations of a run: step and the reported metrics."""
+def reported(run_dir: Path, keys: list[str]) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """A run's final reported metrics and its validations (step and those metrics), from its metrics.json."""
     data = json.loads((run_dir / "metrics.json").read_text())
-    return [{"step": h["global_step"], **{k: h[k] for k in keys if k in h}} for h in data["history"]]
+    pick = lambda entry: {k: entry[k] for k in keys if k in entry}
+    return pick(data["final"]), [{"step": h["global_step"], **pick(h)} for h in data["history"]]
 
 
 def plot(task: Task, curve: list[dict[str, float]], before: dict[str, float], out: Path) -> Path:
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         run = run_one(name, common + overrides, args.seed, [], args.extra, run_dir, out / "runs" / f"{name}-seed{args.seed}.log",
                       (keys[0], keys[1]))
-        final = json.loads((run_dir / "metrics.json").read_text())["final"]
-        results[name] = {"final": {k: final[k] for k in keys if k in final}, "history": history(run_dir, keys),
+        final, validations = reported(run_dir, keys)
+        results[name] = {"final": final, "history": validations,
                          "trainable": run["trainable"], "step_seconds": run["step_seconds"], "peak_memory_MiB": run["peak_memory_MiB"]}
         print(f"{name}: " + "  ".join(f"{k} {final[k]:.4f}" for k in keys if k in final) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     before, after = results["before"]["final"], results["trained"]["final"]
