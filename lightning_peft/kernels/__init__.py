@@ -36,6 +36,7 @@ from .dispatch import (
     will_use_triton,
 )
 from .limits import FUSED_MIN_ROWS, MAX_BOTTLENECK, MAX_LORA_RANK
+from .path_tuning import clear_tuned_paths, tuned_paths
 from .reference import (
     ACTIVATIONS,
     adapter_bottleneck_reference,
@@ -51,6 +52,7 @@ __all__ = [
     "adapter_bottleneck",
     "adapter_bottleneck_reference",
     "adapter_bottleneck_triton",
+    "clear_tuned_paths",
     "kernels_enabled",
     "lora_linear",
     "lora_linear_addmm",
@@ -59,6 +61,7 @@ __all__ = [
     "lora_linear_triton",
     "lora_route",
     "set_kernels_enabled",
+    "tuned_paths",
     "triton_available",
     "use_kernels",
     "will_use_triton",
