@@ -61,8 +61,8 @@ __all__ = [
     "lora_linear_triton",
     "lora_route",
     "set_kernels_enabled",
-    "tuned_paths",
     "triton_available",
+    "tuned_paths",
     "use_kernels",
     "will_use_triton",
 ]
