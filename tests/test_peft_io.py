@@ -57,6 +57,40 @@ def test_save_then_load_into_a_fresh_base_gives_identical_outputs(case, tmp_path
     assert {k: v.shape for k, v in adapter_state_dict(fresh).items()} == {k: v.shape for k, v in load_file(tmp_path / "adapter.safetensors").items()}
 
 
+class _Wrapper(nn.Module):
+    """What a LightningModule is to its transformers model: module names gain a leading ``model.``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+@pytest.mark.parametrize("direction", ["wrapper-to-inner", "inner-to-wrapper"])
+def test_adapter_saved_one_wrapper_further_out_or_in_loads_re_rooted(direction, tmp_path):
+    factory, batch = MODELS["llama"]
+    x = batch()
+    source = factory()
+    inject(_Wrapper(source) if direction == "wrapper-to-inner" else source, LoRAConfig(r=2, target_modules="all-linear"))
+    randomize(source)
+    with torch.no_grad():
+        expected = output(source, x)
+    save_adapter(_Wrapper(source) if direction == "wrapper-to-inner" else source, tmp_path)
+    saved = json.loads((tmp_path / "adapter.json").read_text())["sites"][0]["module"]
+    assert saved.startswith("model.model.") == (direction == "wrapper-to-inner")
+    fresh = factory()
+    load_adapter(fresh if direction == "wrapper-to-inner" else _Wrapper(fresh), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(output(fresh, x), expected)
+
+
+def test_adapter_of_another_model_is_not_re_rooted_onto_a_look_alike(tmp_path):
+    model = _Wrapper(MODELS["llama"][0]())
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="No module 'model.model.layers.0.self_attn.q_proj'"):
+        load_adapter(MODELS["bert"][0](), tmp_path)
+
+
 def test_adapter_named_like_a_module_saves_every_tensor(tmp_path):
     """peft #3584: an adapter called ``mlp`` on a model with ``mlp`` modules lost tensors on save."""
     model = llama()

@@ -151,12 +151,7 @@ class GRPO(CausalLM):
 
     def _merge_sft_adapter(self, path: str) -> None:
         trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
-        try:  # saved from the transformers model itself (module names "model.layers.…")
-            load_adapter(self.model, path, adapter_name="sft")
-        except ValueError as error:  # saved from a training run: names from the LightningModule ("model.model.layers.…")
-            if "No module" not in str(error):
-                raise
-            load_adapter(self, path, adapter_name="sft")  # a failed load leaves the model as it was
+        load_adapter(self.model, path, adapter_name="sft")  # names saved from a training run are re-rooted onto self.model
         merge_and_unload(self.model)
         for name, p in self.model.named_parameters():
             p.requires_grad_(trainable.get(name, True))

@@ -169,7 +169,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     ``path`` is a folder written by :func:`save_adapter` (or a file inside it), a folder in PEFT's
     layout (see :func:`import_peft`), or a Lightning checkpoint saved with the
     :class:`~lightning_peft.PEFT` callback (adapter-only or full; read with ``weights_only=True``
-    and refused when it was trained on other base weights). A file that does not fit the model
+    and refused when it was trained on other base weights). Module names saved one wrapper further
+    out or in (from a LightningModule, loaded onto its ``transformers`` model, or the reverse) are
+    re-rooted onto ``model``. A file that does not fit the model
     (missing modules, other shapes, missing or extra tensors) is an error and the model is left as
     it was.
     """

@@ -32,7 +32,7 @@ from .functional import (
 )
 from .registry import METHODS, Site, method_for
 
-__all__ = ["check_finite", "file_sha256", "install", "read_checkpoint", "read_json", "read_safetensors"]
+__all__ = ["check_finite", "file_sha256", "install", "read_checkpoint", "read_json", "read_safetensors", "reroot"]
 
 
 def _safetensors():
@@ -116,6 +116,36 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str, path: Path, all
         )
 
 
+def reroot(model: nn.Module, sites: list[Site], tensors: Mapping[str, torch.Tensor]) -> tuple[list[Site], dict[str, torch.Tensor]]:
+    """Sites and tensors re-rooted onto ``model`` when they were saved one wrapper further out or in.
+
+    An adapter saved from a training run names modules from the LightningModule
+    (``model.model.layers.0.self_attn.q_proj``); loading it onto the bare ``transformers`` model
+    (``model.layers.0…``) drops the leading ``model.``, and the other way round adds it. Only a
+    unique re-rooting under which every site exists is used; otherwise names stay as saved, and
+    the usual "No module" error names what is missing.
+    """
+    names = {n for n, _ in model.named_modules()}
+    modules = [s.module for s in sites]
+    if not modules or all(m in names for m in modules):
+        return sites, dict(tensors)
+    head = modules[0].split(".")
+    candidates = [(".".join(head[:k]) + ".", "") for k in range(1, len(head))]
+    candidates += [("", f"{n}.") for n in sorted(names) if n]
+    fits = [(strip, add) for strip, add in candidates
+            if all(m.startswith(strip) and add + m[len(strip):] in names for m in modules)]
+    if len(fits) != 1:
+        return sites, dict(tensors)
+    strip, add = fits[0]
+
+    def move(name: str) -> str:
+        return add + name[len(strip):] if name.startswith(strip) else name
+
+    moved = [Site(move(s.module), s.layer, {**s.spec, "tied_to": move(s.spec["tied_to"])} if isinstance(s.spec.get("tied_to"), str) else s.spec)
+             for s in sites]
+    return moved, {move(k): v for k, v in tensors.items()}
+
+
 def install(
     model: nn.Module, name: str, config: MethodConfig, sites: list[Site], tensors: Mapping[str, torch.Tensor], source: str,
     check: Callable[[], None] | None = None,
@@ -125,6 +155,7 @@ def install(
     ``check`` runs once the adapter is in place (e.g. that the base weights are the right ones); if it
     raises, the adapter is removed again.
     """
+    sites, tensors = reroot(model, sites, tensors)
     if name in list_adapters(model):
         raise ValueError(f"Adapter {name!r} already exists on {type(model).__name__}; load it under another adapter_name")
     method = method_for(config)
