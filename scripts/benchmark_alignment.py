@@ -54,7 +54,8 @@ TASKS: dict[str, Task] = {
         ["peft.lr=3e-4", "trainer.val_check_interval=0.25"],
         [("val/rewards/accuracy", "preference accuracy (implicit reward)"), ("val/rougeL", "headline ROUGE-L"),
          ("val/logps/accuracy", "policy prefers chosen"), ("val/rewards/margin", "reward margin"),
-         ("val/logps/chosen", "log p(chosen)"), ("val/logps/rejected", "log p(rejected)"), ("val/kl", "KL to reference")],
+         ("val/logps/chosen", "log p(chosen)"), ("val/logps/rejected", "log p(rejected)"), ("val/kl", "KL to reference (k3, chosen tokens)"),
+         ("val/logratio/chosen", "log π/π_ref per token, chosen"), ("val/logratio/rejected", "log π/π_ref per token, rejected")],
     ),
     "grpo": Task(
         "GRPO with topic_reward from the LoRA SFT model, 4 completions per prompt, LoRA r=8 on all linear layers, lr 1e-4",

@@ -229,6 +229,29 @@ def test_adapter_disabled_reference_is_the_base_model_for_other_methods(tokenize
     assert stats["kl"] > 0  # the method changes the policy
 
 
+def test_drift_statistics_are_k3_on_chosen_tokens_and_per_token_log_ratios(tokenizer):
+    from tiny_models import randomize
+
+    from lightning_peft.alignment.dpo_loss import kl_estimate
+
+    module = DPO(tiny_llama(seed=4), tokenizer=tokenizer)
+    inject(module, LoRAConfig(r=4, target_modules="all-linear"))
+    randomize(module, std=0.3)
+    module.setup("fit")
+    module.eval()
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        logps, mask = token_logprobs(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        ref, _ = token_logprobs(tiny_llama(seed=4).eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        _, stats = module.pair_loss(batch)
+    pairs = len(logps) // 2
+    torch.testing.assert_close(stats["kl"], kl_estimate(logps[:pairs], ref[:pairs], mask[:pairs]))
+    assert stats["kl"] != kl_estimate(logps, ref, mask)  # the rejected rows are left out
+    ratio = ((logps - ref) * mask).sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(stats["logratio/chosen"], ratio[:pairs].mean())
+    torch.testing.assert_close(stats["logratio/rejected"], ratio[pairs:].mean())
+
+
 def test_precomputed_reference_logps_give_the_loss_of_the_live_reference(tokenizer):
     from tiny_models import randomize
 

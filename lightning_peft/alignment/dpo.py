@@ -66,10 +66,12 @@ class DPO(CausalLM):
     ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy`` (share of pairs whose implicit reward
     ``β·log π/π_ref`` prefers the chosen completion), ``logps/chosen``, ``logps/rejected`` (summed),
     ``logps/accuracy`` (share of pairs whose chosen completion has the higher mean per-token log-prob under the
-    policy alone; unlike the implicit-reward accuracy it is informative before training) and ``kl``
-    (mean per-token k3 estimate of KL(π ‖ π_ref) on the completion tokens of both rows, see
+    policy alone; unlike the implicit-reward accuracy it is informative before training), ``kl``
+    (mean per-token k3 estimate of KL(π ‖ π_ref) on the chosen completions' tokens, see
     :func:`~lightning_peft.alignment.dpo_loss.kl_estimate`; with precomputed references, the k3 of each
-    completion's per-token mean log-ratio). Validation batches with prompts also score greedy answers
+    chosen completion's per-token mean log-ratio; rejected tokens are left out because DPO pushes them far
+    below the reference, where k3 grows exponentially without describing what the policy samples) and
+    ``logratio/chosen``, ``logratio/rejected`` (mean per-token ``log π − log π_ref`` of each side, in nats). Validation batches with prompts also score greedy answers
     against the chosen ones (``val/rougeL``, ``val/exact_match``, ``samples.jsonl``) as :class:`CausalLM` does.
 
     Args:
@@ -159,13 +161,16 @@ class DPO(CausalLM):
             if REF_KEYS[0] not in batch:
                 raise ValueError(f"the reference is precomputed but this batch carries no {list(REF_KEYS)}")
             ref_sequence = torch.cat([batch[REF_KEYS[0]], batch[REF_KEYS[1]]]).to(sequence)
-            kl = kl_estimate(
-                (sequence / tokens)[:, None], (ref_sequence / tokens)[:, None], torch.ones_like(tokens, dtype=torch.bool)[:, None]
-            )
+            # only sums are known: the k3 of each completion's per-token mean log-ratio
+            logps, ref_tokens, mask = (sequence / tokens)[:, None], (ref_sequence / tokens)[:, None], torch.ones_like(tokens, dtype=torch.bool)[:, None]
         else:
             ref_tokens = self.reference_token_logps(batch)
             ref_sequence = ref_tokens.sum(-1)
-            kl = kl_estimate(logps, ref_tokens, mask)
+        # drift on the chosen rows only: rejected tokens are pushed far below the reference, where k3 = e^q - q - 1
+        # grows exponentially (thousands) although the policy would never sample them
+        pairs = mask.shape[0] // 2
+        kl = kl_estimate(logps[:pairs], ref_tokens[:pairs], mask[:pairs])
+        logratio = (sequence - ref_sequence).detach() / tokens
         chosen, rejected = sequence.chunk(2)
         ref_chosen, ref_rejected = ref_sequence.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
@@ -182,6 +187,8 @@ class DPO(CausalLM):
             # the policy alone prefers chosen, per token (sums favour the shorter row): meaningful before training too
             "logps/accuracy": (chosen / chosen_tokens > rejected / rejected_tokens).float().mean(),
             "kl": kl,
+            "logratio/chosen": logratio[:pairs].mean(),
+            "logratio/rejected": logratio[pairs:].mean(),
         }
         return out, stats
 
