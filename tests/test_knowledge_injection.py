@@ -295,3 +295,45 @@ def test_early_fusion_without_token_embeddings_says_to_use_late():
     module = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="early knowledge fusion adds to the input token embeddings.*Use mode='late'"):
         attach_knowledge(module, KnowledgeConfig("early", DIM))
+
+
+# --- the ready classifiers, the callback on them, and the Hydra entry point ---------------------------------
+
+
+def test_early_fusion_callback_on_text_classifier_under_freeze_backbone(tiny_bert_dir):
+    """TextClassifier passes every batch key to forward: the callback must have taken the features out."""
+    torch.manual_seed(0)
+    model = TextClassifier(tiny_bert_dir, 3, dropout=0.0)
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    _trainer([KnowledgeInjection("early", dim=DIM), FreezeBackbone(verbose=False)]).fit(model, _loader(_batches()))
+    assert all(torch.equal(v, backbone_before[k]) for k, v in model.backbone.state_dict().items())
+    assert model.knowledge_projection.proj.weight.abs().sum() > 0 and model.head[1].weight.requires_grad
+
+
+def test_image_classifier_late_fusion_starts_equal_to_the_unfused_model():
+    from lightning_peft import ImageClassifier
+
+    torch.manual_seed(0)
+    plain = ImageClassifier("resnet18", 3, pretrained=False, dropout=0.0).eval()
+    torch.manual_seed(0)
+    fused = ImageClassifier("resnet18", 3, pretrained=False, dropout=0.0, knowledge={"mode": "late", "dim": DIM}).eval()
+    assert fused.backbone.fc.weight.shape == (3, 512 + DIM)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fused(x, features=torch.randn(2, DIM)), plain(x))
+    with pytest.raises(ValueError, match="early knowledge fusion adds to the input token embeddings"):
+        ImageClassifier("resnet18", 3, pretrained=False, knowledge={"mode": "early", "dim": DIM})
+
+
+def test_hydra_knowledge_group_trains_with_a_table_column(compose, tmp_path, tiny_bert_dir):
+    from conftest import tiny_overrides
+    from lightning_peft.cli.train import instantiate_callbacks, train
+
+    path = _write_vectors(tmp_path / "docs.jsonl", [[float(i), 1.0, 0.0, -1.0] for i in range(40)])
+    cfg = compose(*tiny_overrides(tiny_bert_dir), "data=table", f"data.dataset_kwargs.path={path}", "data.features=vec",
+                  "knowledge=late", f"knowledge.dim={DIM}", "knowledge.key=kg", "finetune=linear_probe")
+    assert cfg.data.features_key == "kg"  # the data module's key follows the callback's
+    [callback] = instantiate_callbacks({"knowledge": cfg.knowledge})
+    assert isinstance(callback, KnowledgeInjection) and callback.config == KnowledgeConfig("late", DIM, "kg")
+    metrics = train(cfg)
+    assert "val/acc" in metrics
