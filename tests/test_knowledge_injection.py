@@ -337,3 +337,22 @@ def test_hydra_knowledge_group_trains_with_a_table_column(compose, tmp_path, tin
     assert isinstance(callback, KnowledgeInjection) and callback.config == KnowledgeConfig("late", DIM, "kg")
     metrics = train(cfg)
     assert "val/acc" in metrics
+
+
+@pytest.mark.parametrize("mode,method", [("early", "prompt_tuning"), ("late", "ia3"), ("early", "bitfit")])
+def test_fusion_trains_with_other_peft_methods(tiny_bert_dir, mode, method):
+    from lightning_peft import BitFitConfig, IA3Config, PromptTuningConfig
+
+    config = {"prompt_tuning": PromptTuningConfig(num_virtual_tokens=2), "ia3": IA3Config(), "bitfit": BitFitConfig()}[method]
+    torch.manual_seed(0)
+    module = UserClassifier(tiny_bert_dir)
+    frozen = {n: p.detach().clone() for n, p in module.encoder.named_parameters() if "bias" not in n}
+    _trainer([PEFT(config, verbose=False), KnowledgeInjection(mode, dim=DIM)]).fit(module, _loader(_batches()))
+    if mode == "early":  # the trainable copy (PEFT's modules_to_save) is the one that runs, and it trained
+        trained = [p for n, p in module.knowledge_projection.named_parameters() if p.requires_grad and n.endswith("weight")]
+        assert trained and all(p.abs().sum() > 0 for p in trained)
+    else:
+        fused = [m for m in module.head.modules() if isinstance(m, FusedLinear) and m.weight.requires_grad]
+        assert fused and fused[0].weight[:, 32:].abs().sum() > 0
+    state = {n: p for n, p in module.named_parameters()}
+    assert all(torch.equal(state[f"encoder.{n}"], v) for n, v in frozen.items() if f"encoder.{n}" in state)

@@ -151,13 +151,17 @@ class EarlyFusion(nn.Module):
 
 
 class _EarlyHook:
-    """Forward hook of the input embeddings: their output plus the projected features (picklable, unlike a closure)."""
+    """Forward hook of the input embeddings: their output plus the projected features (picklable, unlike a closure).
 
-    def __init__(self, fusion: EarlyFusion, slot: FeatureSlot) -> None:
-        self.fusion, self.slot = fusion, slot
+    The projection is looked up on the model at every call, so a wrapper put in its place later (PEFT's
+    ``modules_to_save`` copy, which is the one that trains) is what runs.
+    """
+
+    def __init__(self, root: nn.Module, slot: FeatureSlot) -> None:
+        self.root, self.slot = root, slot
 
     def __call__(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
-        return self.fusion(output, self.slot.get("early knowledge fusion"))
+        return getattr(self.root, PROJECTION)(output, self.slot.get("early knowledge fusion"))
 
 
 def input_embeddings(root: nn.Module) -> nn.Module:
@@ -219,7 +223,7 @@ def attach_knowledge(
         hidden = getattr(embeddings, "embedding_dim", None) or embeddings.weight.shape[-1]
         fusion = EarlyFusion(config.dim, hidden).to(device=embeddings.weight.device)
         root.add_module(PROJECTION, fusion)
-        embeddings.register_forward_hook(_EarlyHook(fusion, slot))
+        embeddings.register_forward_hook(_EarlyHook(root, slot))
     object.__setattr__(root, _MARK, slot)  # a plain attribute, not a submodule
     return slot
 
