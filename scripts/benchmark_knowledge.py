@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "knowledge_injection")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "lightning_peft_knowledge_cache",
                         help="FeatureCache folder (frozen encoder features, reused across seeds and reruns)")
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--train-size", type=int, default=100)
     parser.add_argument("--val-size", type=int, default=200)
