@@ -44,7 +44,8 @@ class FeatureCache(pl.Callback):
     where ``head`` is called once with one ``(batch, dim)`` tensor. ``TextClassifier`` and
     torchvision/timm classifiers qualify. The callback freezes everything that computes the
     features (``freeze=True``), keeps it in eval mode, and replaces the owner's ``forward`` for the
-    fit: each call is keyed per example by a hash of its inputs; when every example of the batch is
+    fit: each call is keyed per example by a hash of its inputs (and of what callbacks declaring
+    ``provides_key_inputs`` feed the model beside them, e.g. ``KnowledgeInjection``'s vectors); when every example of the batch is
     cached it returns ``head(cached features)`` without running the backbone, otherwise it runs the
     original forward and stores the head's input. The first epoch therefore costs what the uncached
     probe costs; later epochs (and later runs, with ``cache_dir``) skip the backbone, for training
