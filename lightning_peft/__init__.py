@@ -20,6 +20,7 @@ from .callbacks import (
     FeatureCacheStats,
     FreezeBackbone,
     GradualUnfreezing,
+    KnowledgeInjection,
     MetricsJSON,
     NonFiniteError,
     NonFiniteGuard,
@@ -49,6 +50,7 @@ from .groups.freezing import LayerFreezer, freeze, unfreeze
 from .groups.layer_groups import LayerGroup, format_layer_groups, layer_groups
 from .groups.layer_rates import layer_lr_scales
 from .groups.matching import match_module_names
+from .knowledge.config import KnowledgeConfig
 from .losses.distillation import (
     distillation_loss,
     hidden_state_loss,
@@ -117,6 +119,7 @@ __all__ = [
     "FeatureCache",
     "FreezeBackbone",
     "GradualUnfreezing",
+    "KnowledgeInjection",
     "L2SP",
     "MetricsJSON",
     "NonFiniteGuard",
@@ -170,6 +173,7 @@ __all__ = [
     "ImageClassificationDataModule",
     "ImageClassifier",
     "InstructionDataModule",
+    "KnowledgeConfig",
     "PEFTMixin",
     "TextClassificationDataModule",
     "TextClassifier",

@@ -173,3 +173,15 @@ def test_benchmark_alignment_dpo_before_and_after_on_the_tiny_llama(tmp_path, ti
     assert len(stamps) == 2 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # reused, not retrained
     with pytest.raises(SystemExit, match="--task grpo needs --sft-adapter"):
         script.main(["--task", "grpo", "--out", str(out)])
+
+
+def test_benchmark_knowledge_quick_runs_every_variant_and_resumes(tmp_path, tiny_bert_dir, monkeypatch):
+    bench = _script("benchmark_knowledge")
+    args = ["--quick", "--seeds", "0,1", "--model", tiny_bert_dir, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    results = bench.main(args)
+    assert sorted(results["runs"]) == sorted(f"{v}/seed{s}" for v in bench.VARIANTS for s in (0, 1))
+    assert all(0.0 <= r["acc"] <= 1.0 for r in results["runs"].values())
+    assert results["summary"]["late"]["trainable"] == results["summary"]["none"]["trainable"] + 5 * 8  # 8 new head columns
+    assert {p.name for p in tmp_path.glob("results.*")} == {"results.json", "results.md", "results.png"}
+    monkeypatch.setattr(bench, "run_model", lambda *a, **k: pytest.fail("finished runs must be reused"))
+    assert bench.main(args)["runs"] == results["runs"]

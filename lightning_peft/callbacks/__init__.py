@@ -5,6 +5,7 @@ from .distillation import Distillation
 from .feature_cache import FeatureCache, FeatureCacheStats
 from .freeze_backbone import FreezeBackbone
 from .gradual_unfreezing import GradualUnfreezing
+from .knowledge_injection import KnowledgeInjection
 from .l2sp import L2SP
 from .metrics_json import MetricsJSON
 from .non_finite import NonFiniteError, NonFiniteGuard
@@ -22,6 +23,7 @@ __all__ = [
     "FeatureCacheStats",
     "FreezeBackbone",
     "GradualUnfreezing",
+    "KnowledgeInjection",
     "MetricsJSON",
     "NonFiniteError",
     "NonFiniteGuard",

@@ -5,7 +5,7 @@ A callback that changes the model's structure (the ``PEFT`` callback injecting a
 :func:`prepare_model` first: it runs every such hook in the order of ``trainer.callbacks``, so the
 result is the same whichever callback's ``setup`` Lightning happens to run first. Other facts a
 callback offers its peers are plain attributes (``freezes``, ``shapes_optimizer``, ``trains_backbone``)
-read with :func:`declaring`; no callback imports another concrete callback to find it.
+read with :func:`declaring` (``provides_key_inputs``: per-example inputs FeatureCache keys by); no callback imports another concrete callback to find it.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ def _callbacks(trainer: Any) -> list[Any]:
 def prepare_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Run every callback's ``prepare_model`` (adapter injection), in the order of ``trainer.callbacks``.
 
-    Each hook is idempotent, so every callback that needs the final model calls this first.
+    Each hook is idempotent, so every callback that needs the final model calls this first. Callbacks
+    declaring ``prepares_before_adapters`` (knowledge injection widening the head) run first, so adapters
+    (and PEFT's copies of the head) see the final structure.
     """
-    for callback in _callbacks(trainer):
-        if isinstance(callback, ModelPreparer):
-            callback.prepare_model(trainer, pl_module)
+    preparers = [c for c in _callbacks(trainer) if isinstance(c, ModelPreparer)]
+    for callback in sorted(preparers, key=lambda c: not getattr(c, "prepares_before_adapters", False)):
+        callback.prepare_model(trainer, pl_module)
 
 
 def declaring(trainer: pl.Trainer, attribute: str) -> list[Any]:

@@ -44,7 +44,8 @@ class FeatureCache(pl.Callback):
     where ``head`` is called once with one ``(batch, dim)`` tensor. ``TextClassifier`` and
     torchvision/timm classifiers qualify. The callback freezes everything that computes the
     features (``freeze=True``), keeps it in eval mode, and replaces the owner's ``forward`` for the
-    fit: each call is keyed per example by a hash of its inputs; when every example of the batch is
+    fit: each call is keyed per example by a hash of its inputs (and of what callbacks declaring
+    ``provides_key_inputs`` feed the model beside them, e.g. ``KnowledgeInjection``'s vectors); when every example of the batch is
     cached it returns ``head(cached features)`` without running the backbone, otherwise it runs the
     original forward and stores the head's input. The first epoch therefore costs what the uncached
     probe costs; later epochs (and later runs, with ``cache_dir``) skip the backbone, for training
@@ -102,6 +103,7 @@ class FeatureCache(pl.Callback):
         self._dirty = False
         self._calls = 0
         self._announced = False
+        self._key_sources: list[Any] = []
 
     @property
     def state_key(self) -> str:
@@ -160,6 +162,7 @@ class FeatureCache(pl.Callback):
                 "FeatureCache: disk caching is off with several processes (each rank caches the examples it sees, in "
                 "memory). HINT: run once on one device to build the cache file, or set cache_dir=None."
             )
+        self._key_sources = coordination.declaring(trainer, "provides_key_inputs")  # e.g. KnowledgeInjection's vectors
         self._install(owner, head)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -204,7 +207,8 @@ class FeatureCache(pl.Callback):
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             self._calls += 1
-            keys = sample_keys(args, kwargs)
+            extra = {k: v for source in self._key_sources for k, v in source.key_inputs().items()}
+            keys = sample_keys(args, kwargs, extra=extra)
             missing = self.store.missing(keys)
             if not missing and self.stats.verified:
                 self.stats.cached_calls += 1

@@ -94,7 +94,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     loggers = _loggers(cfg.get("logger"))
     peft = {"peft": cfg.peft} if cfg.get("peft") else None  # the peft node is peft_callback's arguments (none: empty)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.finetune.get("callbacks"), peft)
+    knowledge = {"knowledge": cfg.knowledge} if cfg.get("knowledge") else None  # knowledge=late|early: KnowledgeInjection
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), cfg.finetune.get("callbacks"), peft, knowledge)
     callbacks = _run_callbacks(callbacks, loggers, ckpt_dir)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 

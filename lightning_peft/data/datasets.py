@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models.pretrained import package_dir
+from .vectors import check_vectors, parse_vector
 
 __all__ = ["DATASETS", "TextDataset", "load_text_dataset", "stratified_split"]
 
@@ -19,18 +20,22 @@ class TextDataset:
     """Texts with integer labels; ``label_names[i]`` names class ``i``.
 
     ``rows`` optionally says where each example comes from (``"reviews.csv line 7"``), for errors.
+    ``features`` optionally holds an external vector per example (knowledge injection), all of one length.
     """
 
     texts: list[str]
     labels: list[int]
     label_names: list[str]
     rows: list[str] | None = None
+    features: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
         if self.rows is not None and len(self.rows) != len(self.labels):
             raise ValueError(f"{len(self.rows)} rows but {len(self.labels)} labels")
+        if self.features is not None:
+            check_vectors(self.features, self.where, len(self.labels))
         n = len(self.label_names)
         for i, label in enumerate(self.labels):
             if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < n:
@@ -45,7 +50,8 @@ class TextDataset:
 
     def subset(self, indices: list[int]) -> TextDataset:
         rows = [self.rows[i] for i in indices] if self.rows is not None else None
-        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names, rows)
+        features = [self.features[i] for i in indices] if self.features is not None else None
+        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names, rows, features)
 
 
 def load_bbc_news(path: str | None = None) -> TextDataset:
@@ -70,10 +76,11 @@ def load_bbc_news(path: str | None = None) -> TextDataset:
     return TextDataset(texts, labels, classes)
 
 
-def load_table(path: str, text_column: str = "text", label_column: str = "label") -> TextDataset:
+def load_table(path: str, text_column: str = "text", label_column: str = "label", feature_column: str | None = None) -> TextDataset:
     """A ``.csv``/``.tsv`` file with a header row, or ``.jsonl`` with one object per line.
 
     Every row needs a text and a non-empty label; classes are the distinct labels, sorted by name.
+    ``feature_column`` names a column of vectors (one external vector per example, for knowledge injection).
     """
     file = Path(path)
     if not file.exists():
@@ -82,10 +89,10 @@ def load_table(path: str, text_column: str = "text", label_column: str = "label"
     if not rows:
         raise ValueError(f"{path} holds no rows")
     first = rows[0][1]
-    for column in (text_column, label_column):
+    for column in (text_column, label_column, *([feature_column] if feature_column else [])):
         if column not in first:
             raise KeyError(f"Column {column!r} not in {path}; columns there: {sorted(k for k in first if k is not None)}")
-    texts, labels, where = [], [], []
+    texts, labels, where, vectors = [], [], [], []
     for line, row in rows:
         at = f"{file.name} line {line}"
         text, label = row.get(text_column), row.get(label_column)
@@ -102,9 +109,11 @@ def load_table(path: str, text_column: str = "text", label_column: str = "label"
         texts.append(str(text))
         labels.append(str(label))
         where.append(at)
+        if feature_column:
+            vectors.append(parse_vector(row.get(feature_column), at, feature_column))
     names = sorted(set(labels))
     index = {n: i for i, n in enumerate(names)}
-    return TextDataset(texts, [index[n] for n in labels], names, where)
+    return TextDataset(texts, [index[n] for n in labels], names, where, vectors if feature_column else None)
 
 
 def _read_delimited(file: Path) -> list[tuple[int, dict]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,14 +12,16 @@ from torch.utils.data import DataLoader
 from ..models.pretrained import load_tokenizer
 from .datasets import TextDataset, load_text_dataset, stratified_split
 from .labels import check_model_classes, model_num_classes
+from .vectors import check_vectors
 
 __all__ = ["TextClassificationDataModule"]
 
 
 class _Encoded(torch.utils.data.Dataset):
-    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[int]) -> None:
+    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[int], features: list[list[float]] | None = None) -> None:
         self.encodings = encodings
         self.labels = labels
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -26,6 +29,8 @@ class _Encoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {k: v[i] for k, v in self.encodings.items()}
         item["labels"] = self.labels[i]
+        if self.features is not None:
+            item["features"] = self.features[i]
         return item
 
 
@@ -33,7 +38,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
     """Train/validation loaders of tokenised text, split reproducibly and stratified by class.
 
     Batches are dicts of ``input_ids``/``attention_mask`` (and ``token_type_ids`` where the
-    tokenizer makes them) of shape ``(batch, longest_in_batch)``, plus ``labels`` of shape ``(batch,)``.
+    tokenizer makes them) of shape ``(batch, longest_in_batch)``, plus ``labels`` of shape ``(batch,)``
+    (and ``features`` ``(batch, F)`` with ``features=...``).
 
     Args:
         dataset: registered data set name (``bbc_news``, ``table``).
@@ -46,6 +52,9 @@ class TextClassificationDataModule(pl.LightningDataModule):
         split_seed: seed of the split and subsampling (independent of the training seed).
         num_workers: DataLoader workers.
         dataset_kwargs: passed to the data set loader (e.g. ``path``, ``text_column``, ``label_column``).
+        features: an external vector per example, batched as ``features_key`` ``(batch, F)`` float32 (knowledge
+            injection): a column of vectors of the table (its name), or a callable ``text -> sequence of F numbers``.
+        features_key: the batch key of the vectors.
     """
 
     def __init__(
@@ -60,8 +69,14 @@ class TextClassificationDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 0,
         dataset_kwargs: dict[str, Any] | None = None,
+        features: str | Callable[[str], Sequence[float]] | None = None,
+        features_key: str = "features",
     ) -> None:
         super().__init__()
+        if features is not None and not isinstance(features, str) and not callable(features):
+            raise TypeError(f"features must be a column name, a callable text -> vector, or None; got {type(features).__name__}")
+        self.features = features
+        self.features_key = features_key
         for name, size in (("train_size", train_size), ("val_size", val_size)):
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
                 raise ValueError(f"{name} must be a positive integer, or None to keep every example; got {size!r}")
@@ -90,7 +105,17 @@ class TextClassificationDataModule(pl.LightningDataModule):
     def _encode(self, data: TextDataset) -> _Encoded:
         enc = self.tokenizer(data.texts, truncation=True, max_length=self.max_length)
         keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-        return _Encoded({k: enc[k] for k in keep}, data.labels)
+        return _Encoded({k: enc[k] for k in keep}, data.labels, self._vectors(data))
+
+    def _vectors(self, data: TextDataset) -> list[list[float]] | None:
+        """Each example's external vector: the table's column, or ``features(text)``; ``None`` without ``features``."""
+        if self.features is None:
+            return None
+        if isinstance(self.features, str):
+            return data.features
+        vectors = [list(map(float, self.features(text))) for text in data.texts]
+        check_vectors(vectors, data.where, len(data.texts))
+        return vectors
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -101,7 +126,15 @@ class TextClassificationDataModule(pl.LightningDataModule):
             check_model_classes(model_num_classes(self.trainer), self.data.labels, self.data.label_names, self.data.where)
 
     def _load(self) -> None:
-        data = load_text_dataset(self.dataset, **self.dataset_kwargs)
+        kwargs = dict(self.dataset_kwargs)
+        if isinstance(self.features, str):
+            if self.dataset != "table":
+                raise ValueError(
+                    f"features={self.features!r} names a column, but only the 'table' data set has columns (got {self.dataset!r}); "
+                    "pass a callable text -> vector instead"
+                )
+            kwargs["feature_column"] = self.features
+        data = load_text_dataset(self.dataset, **kwargs)
         train_idx, val_idx = stratified_split(data.labels, self.val_fraction, self.split_seed)
         train_idx = train_idx[: self.train_size] if self.train_size is not None else train_idx
         val_idx = val_idx[: self.val_size] if self.val_size is not None else val_idx
@@ -120,6 +153,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
             if key in items[0]:
                 batch[key] = torch.tensor([it[key] + [fill] * (length - len(it[key])) for it in items])
         batch["labels"] = torch.tensor([it["labels"] for it in items])
+        if "features" in items[0]:
+            batch[self.features_key] = torch.tensor([it["features"] for it in items], dtype=torch.float32)
         return batch
 
     def _loader(self, dataset: _Encoded, shuffle: bool) -> DataLoader:

@@ -45,13 +45,17 @@ def _leaves(path: str, value: Any) -> Iterable[tuple[str, Any]]:
         yield path, value
 
 
-def sample_keys(args: Sequence[Any], kwargs: Mapping[str, Any], mask_key: str = "attention_mask") -> list[bytes]:
+def sample_keys(
+    args: Sequence[Any], kwargs: Mapping[str, Any], mask_key: str = "attention_mask", extra: Mapping[str, Tensor] | None = None
+) -> list[bytes]:
     """One key per example of a forward call: a hash of the example's rows of every batched input.
 
     Inputs whose first dimension is the batch size ``B`` are per-example; anything else (flags,
     scalars) is hashed into every key. When ``kwargs[mask_key]`` is a ``(B, L)`` mask, inputs of
     shape ``(B, L, ...)`` contribute only their real positions, so the key does not depend on how
-    much padding the batch needed. Inputs are copied to the CPU to be hashed.
+    much padding the batch needed. ``extra``: per-example tensors ``(B, ...)`` that reach the model
+    another way (knowledge injection's external vectors), hashed whole. Inputs are copied to the CPU
+    to be hashed.
 
     Returns:
         ``B`` keys of :data:`KEY_BYTES` bytes.
@@ -74,12 +78,16 @@ def sample_keys(args: Sequence[Any], kwargs: Mapping[str, Any], mask_key: str = 
             shared.update(f"{path}:{value.dtype}:{tuple(value.shape)}".encode() + _raw(value.detach().cpu()))
         else:
             shared.update(f"{path}={_ADDRESS.sub('', repr(value))}".encode())
+    whole = [(f"extra.{k}", v.detach().cpu()) for k, v in sorted((extra or {}).items())]
+    for path, t in whole:
+        if t.dim() == 0 or t.shape[0] != batch:
+            raise ValueError(f"FeatureCache: {path} has shape {tuple(t.shape)}, not one row per example of the batch ({batch})")
     keys = []
     for i in range(batch):
         h = shared.copy()
-        for path, t in rows:
+        for path, t in rows + whole:
             row = t[i]
-            if select is not None and t.dim() >= 2 and t.shape[1] == select.shape[1]:
+            if select is not None and t.dim() >= 2 and t.shape[1] == select.shape[1] and not path.startswith("extra."):
                 row = row[select[i]]
             h.update(f"{path}:{t.dtype}:{tuple(row.shape)}".encode())
             h.update(_raw(row))

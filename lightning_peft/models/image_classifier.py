@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..knowledge.config import KnowledgeConfig, as_knowledge_config
+from ..knowledge.fusion import fuse_from_forward
 from .base import ClassificationModule, OptimizerFactory, SchedulerFactory
 from .pretrained import load_timm_model
 
@@ -42,6 +44,8 @@ class ImageClassifier(ClassificationModule):
         scheduler: factory ``(optimizer, total_steps=...)``, stepped every optimizer step; optional.
         label_names: class names, stored in the checkpoint's hyperparameters.
         model_kwargs: more ``timm.create_model`` arguments (e.g. ``{"drop_path_rate": 0.1}``).
+        knowledge: fuse an external vector per example into the head (``KnowledgeConfig(mode="late", dim=F)``);
+            ``forward`` then takes ``features=(B, F)``. ``early`` needs token embeddings, which CNNs lack.
 
     Example:
         >>> model = ImageClassifier("efficientnet_lite0", num_classes=10, pretrained=False)
@@ -61,6 +65,7 @@ class ImageClassifier(ClassificationModule):
         scheduler: SchedulerFactory | None = None,
         label_names: list[str] | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        knowledge: KnowledgeConfig | dict[str, Any] | None = None,
     ) -> None:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -68,14 +73,21 @@ class ImageClassifier(ClassificationModule):
         if reserved:
             raise ValueError(f"model_kwargs cannot set {reserved}: use ImageClassifier's own num_classes / pretrained arguments")
         super().__init__(num_classes, optimizer, scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        knowledge = as_knowledge_config(knowledge)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "knowledge"])
+        self.hparams["knowledge"] = vars(knowledge).copy() if knowledge else None  # plain dict: checkpoints load weights_only
         self.backbone = load_timm_model(backbone, pretrained=pretrained, **dict(model_kwargs or {}))
         self.backbone.reset_classifier(num_classes)
         if dropout > 0:
             _dropout_into_head(self.backbone, dropout)
+        if knowledge is not None:
+            fuse_from_forward(self, knowledge)
         self.train()
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, *, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, num_classes)``; ``features`` ``(B, F)`` feed ``knowledge`` fusion (read by a forward pre-hook)."""
+        if features is not None and self.hparams.get("knowledge") is None:
+            raise ValueError("ImageClassifier got features=... but was built without knowledge=KnowledgeConfig(mode='late', dim=...)")
         return self.backbone(pixel_values)
 
 
