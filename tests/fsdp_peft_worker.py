@@ -6,7 +6,8 @@ with gloo, so :class:`CPUFSDPStrategy` (a subclass that changes nothing) lets th
 here. Phases: ``fsdp`` (LoRA on q/v plus the user's head, frozen base sharded by ``FSDPBlockPolicy``,
 adapter saved at fit end), ``fsdp-adapter`` (Houlsby bottleneck adapters) and ``ddp`` (the same LoRA fit
 under DDP, the reference). Each rank writes ``OUT_DIR/<phase>-rank<r>.pt``: the adapter and head weights,
-the losses, the flat parameters' ``requires_grad`` and whether the gathered frozen base is bit-identical.
+the losses, the flat parameters' ``requires_grad``, and which tensors of the gathered frozen base differ from the
+base before the fit (and how many of them were compared).
 """
 
 from __future__ import annotations
@@ -98,13 +99,13 @@ def run(phase: str, out: Path) -> None:
     )
     trainer.fit(module, DataLoader(data, batch_size=4))
     trainable = {clean_name(n): p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    with gathered_parameters(trainer.model, rank0_only=False):
-        base_identical = all(torch.equal(p.detach(), base[clean_name(n)]) for n, p in module.bert.named_parameters()
-                             if ".adapters." not in n and clean_name(n) in base)
-        gathered = sum(p.numel() for n, p in module.bert.named_parameters() if ".adapters." not in n)
+    with gathered_parameters(trainer.model, rank0_only=False):  # a wrapped layer's weight is named ....base_layer.weight
+        after = {clean_name(n).replace(".base_layer", ""): p.detach().clone() for n, p in module.bert.named_parameters() if ".adapters." not in n}
+    compared = [n for n in base if n in after]
     torch.save(
         {"trainable": trainable, "losses": module.losses, "flat_requires_grad": module.flat_requires_grad,
-         "base_identical": base_identical, "base_numel": gathered, "world_size": trainer.world_size,
+         "base_changed": [n for n in compared if not torch.equal(after[n], base[n])], "base_compared": len(compared),
+         "base_count": len(base), "base_numel": sum(p.numel() for p in after.values()), "world_size": trainer.world_size,
          "wrapped": type(trainer.model).__name__},
         out / f"{phase}-rank{trainer.global_rank}.pt",
     )
