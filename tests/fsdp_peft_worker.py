@@ -6,7 +6,8 @@ with gloo, so :class:`CPUFSDPStrategy` (a subclass that changes nothing) lets th
 here. Phases: ``fsdp`` (LoRA on q/v plus the user's head, frozen base sharded by ``FSDPBlockPolicy``,
 adapter saved at fit end), ``fsdp-adapter`` (Houlsby bottleneck adapters) and ``ddp`` (the same LoRA fit
 under DDP, the reference). Each rank writes ``OUT_DIR/<phase>-rank<r>.pt``: the adapter and head weights,
-the losses, the flat parameters' ``requires_grad``, and which tensors of the gathered frozen base differ from the
+the losses, the
+first step's gradients as the optimizer gets them, the flat parameters' ``requires_grad``, and which tensors of the gathered frozen base differ from the
 base before the fit (and how many of them were compared).
 """
 
@@ -63,6 +64,7 @@ class UserModule(pl.LightningModule):
         self.head = nn.Linear(16, 3)
         self.losses: dict[int, float] = {}
         self.flat_requires_grad: list[bool] = []
+        self.first_grads: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self) -> None:
         self.flat_requires_grad = [p.requires_grad for p in self.trainer.model.parameters() if type(p).__name__ == "FlatParameter"]
@@ -77,6 +79,10 @@ class UserModule(pl.LightningModule):
         loss = F.cross_entropy(self.head(self.bert(x).last_hidden_state.mean(1)), y)
         self.losses[self.global_step] = loss.item()
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:  # after the callbacks' hook: the PEFT callback has averaged
+        if self.first_grads is None:
+            self.first_grads = {clean_name(n): p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.01)
@@ -103,7 +109,7 @@ def run(phase: str, out: Path) -> None:
         after = {clean_name(n).replace(".base_layer", ""): p.detach().clone() for n, p in module.bert.named_parameters() if ".adapters." not in n}
     compared = [n for n in base if n in after]
     torch.save(
-        {"trainable": trainable, "losses": module.losses, "flat_requires_grad": module.flat_requires_grad,
+        {"trainable": trainable, "losses": module.losses, "first_grads": module.first_grads, "flat_requires_grad": module.flat_requires_grad,
          "base_changed": [n for n in compared if not torch.equal(after[n], base[n])], "base_compared": len(compared),
          "base_count": len(base), "base_numel": sum(p.numel() for p in after.values()), "world_size": trainer.world_size,
          "wrapped": type(trainer.model).__name__},
