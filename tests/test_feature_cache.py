@@ -346,7 +346,8 @@ def test_extract_features_of_an_intermediate_layer_with_cache_and_classifier(pro
 
     train = extract_features(model, loader, cache_dir=tmp_path)
     _, metrics = fit_classifier(train, head_input, estimator=Centroids())
-    assert set(metrics) == {"train/acc", "val/acc"} and 0.0 <= metrics["val/acc"] <= 1.0
+    assert set(metrics) == {"train/acc", "val/acc"}
+    assert metrics["val/acc"] >= 0.9 and metrics["train/acc"] >= 0.9, metrics  # good/bad reviews apart: chance is 0.5
 
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
