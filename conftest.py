@@ -6,6 +6,7 @@ decorated, so it is set before any kernel module is imported. Everything stays o
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
@@ -15,3 +16,14 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 os.environ.setdefault("LIGHTNING_PEFT_AUTOTUNE", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Keep ``@pytest.mark.slow`` tests out of a run that selects no markers (``pytest``): they are skipped, saying how
+    to run them. Any ``-m`` expression is pytest's own marker selection: ``-m slow`` runs them, ``-m "not slow"`` not."""
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)

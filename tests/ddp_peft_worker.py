@@ -60,7 +60,8 @@ def run(phase: str, out: Path, ckpt_path: Path | None = None) -> None:
     data = TensorDataset(torch.randint(0, 50, (24, 8), generator=g), torch.randint(0, 3, (24,), generator=g))  # 3 batches per rank and epoch
     module = UserModule()
     if phase.startswith("checkpointing"):  # peft #899: modules_to_save + gradient checkpointing + DDP
-        module.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": phase.endswith("reentrant")})
+        reentrant = {"checkpointing-reentrant": True, "checkpointing-nonreentrant": False}[phase]
+        module.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if phase == "adapter":  # a bottleneck adapter method (Houlsby placement)
         method = AdapterConfig(placement="houlsby", bottleneck_size=4)
     else:
@@ -74,9 +75,10 @@ def run(phase: str, out: Path, ckpt_path: Path | None = None) -> None:
     )
     trainer.fit(module, DataLoader(data, batch_size=4), ckpt_path=ckpt_path)  # DistributedSampler: other rows per rank
     trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    checkpointing = getattr(module.bert.encoder.layer[0], "_gradient_checkpointing_func", None)  # partial(checkpoint, use_reentrant=...)
     torch.save(
         {"trainable": trainable, "losses": module.losses, "at_wrap": module.at_wrap, "first_batch": module.first_batch,
-         "world_size": trainer.world_size},
+         "world_size": trainer.world_size, "use_reentrant": getattr(checkpointing, "keywords", {}).get("use_reentrant")},
         out / f"{phase}-rank{trainer.global_rank}.pt",
     )
 

@@ -6,7 +6,9 @@ with gloo, so :class:`CPUFSDPStrategy` (a subclass that changes nothing) lets th
 here. Phases: ``fsdp`` (LoRA on q/v plus the user's head, frozen base sharded by ``FSDPBlockPolicy``,
 adapter saved at fit end), ``fsdp-adapter`` (Houlsby bottleneck adapters) and ``ddp`` (the same LoRA fit
 under DDP, the reference). Each rank writes ``OUT_DIR/<phase>-rank<r>.pt``: the adapter and head weights,
-the losses, the flat parameters' ``requires_grad`` and whether the gathered frozen base is bit-identical.
+the losses, the
+first step's gradients as the optimizer gets them, the flat parameters' ``requires_grad``, and which tensors of the gathered frozen base differ from the
+base before the fit (and how many of them were compared).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class UserModule(pl.LightningModule):
         self.head = nn.Linear(16, 3)
         self.losses: dict[int, float] = {}
         self.flat_requires_grad: list[bool] = []
+        self.first_grads: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self) -> None:
         self.flat_requires_grad = [p.requires_grad for p in self.trainer.model.parameters() if type(p).__name__ == "FlatParameter"]
@@ -76,6 +79,10 @@ class UserModule(pl.LightningModule):
         loss = F.cross_entropy(self.head(self.bert(x).last_hidden_state.mean(1)), y)
         self.losses[self.global_step] = loss.item()
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:  # after the callbacks' hook: the PEFT callback has averaged
+        if self.first_grads is None:
+            self.first_grads = {clean_name(n): p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.01)
@@ -98,13 +105,13 @@ def run(phase: str, out: Path) -> None:
     )
     trainer.fit(module, DataLoader(data, batch_size=4))
     trainable = {clean_name(n): p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    with gathered_parameters(trainer.model, rank0_only=False):
-        base_identical = all(torch.equal(p.detach(), base[clean_name(n)]) for n, p in module.bert.named_parameters()
-                             if ".adapters." not in n and clean_name(n) in base)
-        gathered = sum(p.numel() for n, p in module.bert.named_parameters() if ".adapters." not in n)
+    with gathered_parameters(trainer.model, rank0_only=False):  # a wrapped layer's weight is named ....base_layer.weight
+        after = {clean_name(n).replace(".base_layer", ""): p.detach().clone() for n, p in module.bert.named_parameters() if ".adapters." not in n}
+    compared = [n for n in base if n in after]
     torch.save(
-        {"trainable": trainable, "losses": module.losses, "flat_requires_grad": module.flat_requires_grad,
-         "base_identical": base_identical, "base_numel": gathered, "world_size": trainer.world_size,
+        {"trainable": trainable, "losses": module.losses, "first_grads": module.first_grads, "flat_requires_grad": module.flat_requires_grad,
+         "base_changed": [n for n in compared if not torch.equal(after[n], base[n])], "base_compared": len(compared),
+         "base_count": len(base), "base_numel": sum(p.numel() for p in after.values()), "world_size": trainer.world_size,
          "wrapped": type(trainer.model).__name__},
         out / f"{phase}-rank{trainer.global_rank}.pt",
     )

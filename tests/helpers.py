@@ -47,3 +47,23 @@ def fit(module: pl.LightningModule, loader: DataLoader, callbacks=(), steps: int
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every parameter and buffer, by name."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def frozen_base(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every non-adapter tensor, by name (``.base_layer`` dropped), with each 4-bit layer's packed storage
+    and its whole quantisation state: ``absmax``, ``code``, and under double quantisation the scales' own
+    ``state2.absmax``, ``state2.code`` and ``offset`` (a ``state_dict`` alone would not show an in-place change there)."""
+    out = {k.replace(".base_layer", ""): v.detach().clone() for k, v in module.state_dict().items() if ".adapters." not in k}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        state = getattr(param, "quant_state", None)
+        if state is None or ".adapters." in name:
+            continue
+        name = name.replace(".base_layer", "")
+        out[f"{name}:packed"] = param.data.clone()
+        out[f"{name}:absmax"] = state.absmax.clone()
+        out[f"{name}:code"] = state.code.clone()
+        if state.nested:
+            out[f"{name}:offset"] = torch.as_tensor(state.offset).clone()
+            out[f"{name}:state2.absmax"] = state.state2.absmax.clone()
+            out[f"{name}:state2.code"] = state.state2.code.clone()
+    return out

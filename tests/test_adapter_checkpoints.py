@@ -107,6 +107,44 @@ def test_fingerprint_is_a_hash_of_the_pretrained_weights_only():
     assert base_fingerprint(swapped) != base_fingerprint(a)
 
 
+def _nudge_one_weight(model: nn.Module) -> None:
+    model.bert.encoder.layer[1].output.dense.weight[0, 0] += 1e-3
+
+
+def _swap_layers(model: nn.Module) -> None:
+    """Encoder layers 0 and 1 exchanged: every sum and sum of squares over the base stays the same."""
+    for a, b in zip(model.bert.encoder.layer[0].parameters(), model.bert.encoder.layer[1].parameters()):
+        a_value = a.clone()
+        a.copy_(b)
+        b.copy_(a_value)
+
+
+def _swap_queries(model: nn.Module) -> None:
+    """Only the wrapped query weights of layers 0 and 1 exchanged."""
+    a, b = (model.bert.encoder.layer[i].attention.self.query.weight for i in (0, 1))
+    a_value = a.clone()
+    a.copy_(b)
+    b.copy_(a_value)
+
+
+@pytest.mark.parametrize("change", [_nudge_one_weight, _swap_layers, _swap_queries], ids=["one-weight-1e-3", "layers-swapped", "queries-swapped"])
+def test_a_checkpoint_of_a_near_miss_base_is_refused(change):
+    state = adapter_only_state(trained())
+    near = Classifier().eval()
+    before = [p.detach().clone() for p in near.bert.parameters()]
+    with torch.no_grad():
+        change(near)
+    after = [p.detach() for p in near.bert.parameters()]
+    if change is not _nudge_one_weight:  # what sums of values and of squares would not see
+        assert sum(p.sum() for p in after).item() == pytest.approx(sum(p.sum() for p in before).item(), abs=1e-6)
+        assert sum(p.pow(2).sum() for p in after).item() == pytest.approx(sum(p.pow(2).sum() for p in before).item(), rel=1e-6)
+    assert sum(not torch.equal(a, b) for a, b in zip(after, before)) >= 1
+    inject(near, LoRAConfig(r=4))
+    AdapterOnlyCheckpoints().attach(near)
+    with pytest.raises(ValueError, match="trained on other base weights"):
+        near.load_state_dict(state)
+
+
 def test_a_checkpoint_without_adapters_into_an_adapter_run_is_explained():
     full = Classifier().state_dict()  # a full fine-tuning (or pretrained) checkpoint
     with pytest.raises(ValueError, match="holds no adapter tensors .* full fine-tuning or pretrained checkpoint") as error:

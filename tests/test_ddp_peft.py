@@ -62,6 +62,7 @@ def test_gradient_checkpointing_with_a_saved_head_under_ddp_trains_like_without(
     """peft #899 (modules_to_save + gradient checkpointing + DDP breaks): here it trains, to the same weights."""
     _, result = runs
     plain, checkpointed = result["full"][0], result[f"checkpointing-{mode}"][0]
+    assert plain["use_reentrant"] is None and checkpointed["use_reentrant"] is (mode == "reentrant")  # the mode named ran
     assert checkpointed["losses"] == pytest.approx(plain["losses"], rel=1e-5, abs=1e-6)
     for name, value in plain["trainable"].items():
         torch.testing.assert_close(checkpointed["trainable"][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -17,6 +17,7 @@ from lightning_peft import (
     TextClassificationDataModule,
     TextClassifier,
     distillation_loss,
+    hidden_state_loss,
     load_teacher,
     soft_target_loss,
 )
@@ -226,6 +227,41 @@ class Record(pl.Callback):
         self.at_fit_start = {k: v.clone() for k, v in self.distill.projections.state_dict().items()}
 
 
+class HiddenSpy(pl.Callback):
+    """Per step, before backward: the hidden term recomputed from the layers' outputs and the step's projection, and
+    whether the gradient the loss sends into the student's layer output is the formula's (task + soft + weighted hidden)."""
+
+    def __init__(self, distill: Distillation, student_layer: str, teacher_layer: str) -> None:
+        self.distill, self.layers = distill, (student_layer, teacher_layer)
+        self.current: dict = {}
+        self.steps: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module):
+        def keep(key, value):
+            self.current[key] = value
+
+        pl_module.register_forward_hook(lambda m, a, k, o: self.current.update(logits=o, mask=k.get("attention_mask")), with_kwargs=True)
+        pl_module.get_submodule(self.layers[0]).register_forward_hook(lambda m, a, o: keep("student", o[0] if isinstance(o, tuple) else o))
+        self.distill.teacher.register_forward_hook(lambda m, a, o: keep("teacher_logits", o.logits))
+        teacher_layer = self.distill.teacher.get_submodule(self.layers[1])
+        teacher_layer.register_forward_hook(lambda m, a, o: keep("teacher", o[0] if isinstance(o, tuple) else o))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.current.clear()
+        self.current["labels"] = batch["labels"]
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        c, d = self.current, self.distill
+        hidden = hidden_state_loss(d.projections["p0"](c["student"]), c["teacher"], c["mask"])
+        formula = distillation_loss(c["logits"], c["teacher_logits"], c["labels"], d.alpha, d.temperature) + d.hidden_weight * hidden
+        (got,) = torch.autograd.grad(loss, c["student"], retain_graph=True)
+        (expected,) = torch.autograd.grad(formula, c["student"], retain_graph=True)
+        self.steps.append({"hidden": hidden.detach(), "loss": loss.detach(), "formula": formula.detach(), "grad": got, "expected_grad": expected})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps[-1]["logged"] = trainer.callback_metrics["distill/hidden"].clone()
+
+
 @pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
 def test_hidden_state_matching_learns_a_projection_that_is_saved_and_restored(tiny_bert_dir, teacher_dir, data, tmp_path):
     pairs = [("backbone.encoder.layer.1", "bert.encoder.layer.1")]  # widths 32 -> 48
@@ -233,9 +269,16 @@ def test_hidden_state_matching_learns_a_projection_that_is_saved_and_restored(ti
     student = TextClassifier(tiny_bert_dir, num_classes=2)
     distill = Distillation(teacher_dir, hidden=pairs, hidden_weight=10.0)
     record = Record(distill)
-    trainer = _trainer([distill, record], steps=3)
+    spy = HiddenSpy(distill, "backbone.encoder.layer.1", "bert.encoder.layer.1")
+    trainer = _trainer([distill, record, spy], steps=3)
     trainer.fit(student, datamodule=data)
     projection = distill.projections["p0"]
+    assert len(spy.steps) == 3
+    for step in spy.steps:  # the logged term is the MSE of the projected student layer, and it trains the student
+        torch.testing.assert_close(step["logged"], step["hidden"])
+        torch.testing.assert_close(step["loss"], step["formula"])
+        torch.testing.assert_close(step["grad"], step["expected_grad"])
+        assert step["hidden"] > 0 and step["grad"].abs().sum() > 0
     assert (projection.in_features, projection.out_features) == (32, 48)
     assert not torch.equal(projection.weight, record.at_fit_start["p0.weight"])  # it trained
     assert "distill/hidden" in trainer.callback_metrics

@@ -227,6 +227,22 @@ def test_vision_classifier_calling_its_network_directly_is_cached_too():
     assert cache.stats.cached_calls == 3  # epochs 1-2, after one checked batch
 
 
+def test_disk_cache_of_a_vision_backbone_is_invalidated_by_a_batchnorm_running_mean(tmp_path):
+    """A near miss: the same weights but one BatchNorm statistic off by 1e-3 compute other features."""
+    def run(nudge: float = 0.0) -> FeatureCache:
+        torch.manual_seed(0)
+        module = VisionClassifier(torchvision.models.resnet18(num_classes=3))
+        module.net.layer1[0].bn1.running_mean[0] += nudge
+        cache = FeatureCache(cache_dir=tmp_path)
+        fit(module, image_loader(), [cache], steps=2)  # one epoch of 2 batches
+        return cache
+
+    first, same, nudged = run(), run(), run(1e-3)
+    assert first.stats.computed_examples == 16 and same.stats.loaded == 16 and same.stats.computed_examples == 0
+    assert nudged.stats.loaded == 0 and nudged.stats.computed_examples == 16
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
 class _Backbone(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -330,7 +346,8 @@ def test_extract_features_of_an_intermediate_layer_with_cache_and_classifier(pro
 
     train = extract_features(model, loader, cache_dir=tmp_path)
     _, metrics = fit_classifier(train, head_input, estimator=Centroids())
-    assert set(metrics) == {"train/acc", "val/acc"} and 0.0 <= metrics["val/acc"] <= 1.0
+    assert set(metrics) == {"train/acc", "val/acc"}
+    assert metrics["val/acc"] >= 0.9 and metrics["train/acc"] >= 0.9, metrics  # good/bad reviews apart: chance is 0.5
 
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)

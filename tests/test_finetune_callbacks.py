@@ -260,7 +260,10 @@ def test_mixin_builds_discriminative_groups_and_schedule():
     factor = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 4 / 4))).item()  # cosine at the end: 0
     head = next(g for g in opt.param_groups if g["layer_group"] == "head" and g["weight_decay"])
     assert head["lr"] == pytest.approx(1e-3 * factor, abs=1e-12)
-    assert {g["layer_group"] for g in opt.param_groups} >= {"bert.embeddings", "head"}
+    depth = {"head": 0, "bert.encoder.layer.2": 1, "bert.encoder.layer.1": 2, "bert.encoder.layer.0": 3, "bert.embeddings": 4}
+    assert {g["layer_group"] for g in opt.param_groups} == depth.keys()
+    for g in opt.param_groups:  # the schedule's base rate of every group: lr · layer_decay ** depth
+        assert g["initial_lr"] == pytest.approx(1e-3 * 0.5 ** depth[g["layer_group"]], rel=1e-12), g["layer_group"]
     assert _changed(before, snapshot(model), "bert.embeddings.")
 
 

@@ -37,8 +37,9 @@ def test_fsdp_shards_only_frozen_weights_and_leaves_the_base_bit_identical(runs,
     _, result = runs
     for rank in result[phase]:
         assert rank["world_size"] == 2 and "FSDP" in rank["wrapped"]
+        assert rank["base_compared"] == rank["base_count"] == 37 and rank["base_numel"] > 0  # wrapped layers' weights included
+        assert rank["base_changed"] == []
         assert len(rank["flat_requires_grad"]) >= 3 and not any(rank["flat_requires_grad"])  # root + 2 blocks, all frozen
-        assert rank["base_identical"] and rank["base_numel"] > 0
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -51,6 +52,18 @@ def test_ranks_end_with_identical_adapters_that_trained(runs, phase):
         assert torch.equal(value, rank1["trainable"][name]), name
     assert any(name.endswith("lora_B") or "up" in name for name in rank0["trainable"])
     assert any(value.abs().sum() > 0 for name, value in rank0["trainable"].items() if name.endswith(("lora_B", "up.weight")))
+
+
+def test_fsdp_averages_the_replicated_adapters_gradients_as_ddp(runs):
+    """The optimizer gets the mean over ranks of each adapter gradient under FSDP too (not their sum, not the local one):
+    the first step's gradients, before any update, equal DDP's, whatever the optimizer would make of their scale."""
+    _, result = runs
+    for rank in range(2):
+        fsdp, ddp = result["fsdp"][rank]["first_grads"], result["ddp"][rank]["first_grads"]
+        assert fsdp.keys() == ddp.keys() and len(ddp) == len(result["ddp"][rank]["trainable"])
+        for name, value in ddp.items():
+            assert value.abs().sum() > 0 or name.endswith("lora_A"), name  # B starts at zero: A's first gradient is zero
+            torch.testing.assert_close(fsdp[name], value, rtol=1e-5, atol=1e-8, msg=name)
 
 
 def test_fsdp_trains_exactly_as_ddp(runs):

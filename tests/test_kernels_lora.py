@@ -401,10 +401,7 @@ def test_benchmark_without_cuda_exits_with_a_message():
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_for_sm90_without_a_gpu(request):
-    # ~10-40 s of compiling; runs only when slow tests are selected (pytest -m slow)
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow: run with -m slow")
+def test_every_kernel_compiles_for_sm90_without_a_gpu():  # ~10-40 s of compiling: -m slow
     out = subprocess.run([sys.executable, os.path.join(SCRIPTS, "check_kernels_compile.py"), "--first-config-only",
                           "--dtypes", "bf16"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -412,10 +409,8 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu(request):
 
 
 @pytest.mark.slow
-def test_benchmark_script_runs_end_to_end_on_cpu(request, tmp_path):
+def test_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
     # the benchmark's own code path (checks, table, JSON) through the interpreter at tiny shapes
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow: run with -m slow")
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "bench_kernels.py"), "--cpu-smoke", "--out", str(out)],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})

@@ -120,6 +120,40 @@ def test_parallel_mode_adds_a_branch_reading_the_module_input():
     torch.testing.assert_close(model(x), ffn(x) + 4.0 * _branch(adapter, x))
 
 
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+def test_bottleneck_layer_runs_the_fused_kernel_when_it_applies(monkeypatch, placement):
+    """The layer's kernel path (real Triton kernels; on CPU through the interpreter) equals its eager path: the
+    residual-is-x pass of a serial adapter and the separate-residual pass of a parallel one, outputs and gradients."""
+    pytest.importorskip("triton")
+    from lightning_peft.kernels import dispatch
+
+    torch.manual_seed(0)
+    ffn = nn.Sequential(nn.Linear(41, 24), nn.GELU(), nn.Linear(24, 41))
+    model = nn.Sequential(OrderedDict(ffn=ffn))
+    mode = {} if placement == "houlsby" else {"placement": "parallel"}  # target_modules given: an adapter after ffn's output
+    inject(model, AdapterConfig(**mode, target_modules=["ffn"], bottleneck_size=5, scale=0.7, modules_to_save=None))
+    _random(model.ffn)
+    x = torch.randn(3, 9, 41, requires_grad=True)
+    eager = model(x)
+    eager.square().sum().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n: p.grad.clone() for n, p in trainable.items()} | {"x": x.grad.clone()}
+    for p in [*model.parameters(), x]:
+        p.grad = None
+    calls = []
+    real = dispatch.adapter_bottleneck_triton
+    monkeypatch.setattr(dispatch, "will_use_triton", lambda t: True)  # the interpreter stands in for a GPU
+    monkeypatch.setattr(dispatch, "adapter_bottleneck_triton", lambda *a, **k: calls.append(k.get("residual", a[7] if len(a) > 7 else None)) or real(*a, **k))
+    fused = model(x)
+    fused.square().sum().backward()
+    assert len(calls) == 1 and (calls[0] is None) == (placement == "houlsby")  # the serial adapter's residual-is-x pass
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    assert len(trainable) == 4
+    for name, p in trainable.items():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-4, msg=name)
+    torch.testing.assert_close(x.grad, expected["x"], rtol=1e-4, atol=1e-4)
+
+
 def test_bert_parallel_branch_joins_before_the_residual_layernorm():
     model = bert()
     inject(model, AdapterConfig(placement="parallel", bottleneck_size=4))

@@ -16,7 +16,10 @@ Precision scheme used by every kernel (fp32 accumulation throughout):
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -96,6 +99,34 @@ def prune_configs(configs, named_args, **kwargs):
     """``early_config_prune`` hook of every autotuned kernel: all configs, or the first one when
     ``LIGHTNING_PEFT_AUTOTUNE`` is ``0`` (read on every call that would autotune)."""
     return configs if autotune_enabled() else configs[:1]
+
+
+@contextmanager
+def pinned_config(kernel: Any, config: triton.Config) -> Iterator[None]:
+    """Launch the autotuned ``kernel`` with ``config`` alone inside the block (its meta-parameters, no timing), then give
+    its own configs and tuning cache back: how the tests run every config a GPU would tune over, one at a time, and
+    how the interpreter (where autotuning over several configs fails) runs the GPU configs at all."""
+    configs, cache = kernel.configs, dict(kernel.cache)
+    kernel.configs = [config]
+    kernel.cache.clear()
+    try:
+        yield
+    finally:
+        kernel.configs = configs
+        kernel.cache.clear()
+        kernel.cache.update(cache)
+
+
+def distinct_configs(configs: Sequence[triton.Config]) -> list[triton.Config]:
+    """``configs`` without repeats of the same meta-parameters (block sizes): the interpreter ignores warps and stages."""
+    seen: set[tuple] = set()
+    out = []
+    for c in configs:
+        key = tuple(sorted(c.kwargs.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
 
 
 def num_sms(device: torch.device) -> int:

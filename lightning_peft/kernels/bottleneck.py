@@ -46,7 +46,7 @@ from ._triton_common import (
 from .limits import MAX_BOTTLENECK
 from .reference import activation_fn, check_adapter_args, no_autocast
 
-__all__ = ["MAX_BOTTLENECK", "adapter_bottleneck_triton", "bottleneck_backward", "bottleneck_bwd", "bottleneck_forward", "bottleneck_fwd"]
+__all__ = ["MAX_BOTTLENECK", "adapter_bottleneck_triton", "autotuned_kernels", "bottleneck_backward", "bottleneck_bwd", "bottleneck_forward", "bottleneck_fwd"]
 
 
 _ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
@@ -84,8 +84,8 @@ def _act_grad(z, ACT: tl.constexpr):
     return out
 
 
-def _fwd_configs():
-    if INTERPRET:
+def _fwd_configs(every: bool = False):
+    if INTERPRET and not every:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4)]
     c = triton.Config
     return [c({"BLOCK_M": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2)] + [  # first: pinned, fits sm_80/89 (see _dz_configs)
@@ -94,9 +94,9 @@ def _fwd_configs():
     ]
 
 
-def _dz_configs():  # the first config (here and in _cols_configs) is the small one LIGHTNING_PEFT_AUTOTUNE=0
+def _dz_configs(every: bool = False):  # the first config (here and in _cols_configs) is the small one LIGHTNING_PEFT_AUTOTUNE=0
     # pins (the tests): it fits every GPU from sm_80 at m=256 and in fp32 (scripts/check_kernels_compile.py)
-    if INTERPRET:
+    if INTERPRET and not every:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4)]
     c = triton.Config
     return [c({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=st)
@@ -104,10 +104,10 @@ def _dz_configs():  # the first config (here and in _cols_configs) is the small 
                                   (64, 128, 8, 3), (64, 64, 8, 4)]]
 
 
-def _cols_configs():
+def _cols_configs(every: bool = False):
     # the register-heavy kernel (two (BLOCK_D, m) accumulators): these compile without spills
     # for m <= 64 on sm_90 (scripts/check_kernels_compile.py)
-    if INTERPRET:
+    if INTERPRET and not every:
         return [triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=4)]
     c = triton.Config
     return [c({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=st)
@@ -290,6 +290,16 @@ def _adapter_bwd_cols_kernel(
                  acc_wd, mask=h_mask[:, None] & d_mask[None, :])
     if NEED_BU:
         tl.store(dbu_part_ptr + ps * stride_bup_s + rd, acc_bu * scale, mask=d_mask)
+
+
+def autotuned_kernels() -> dict[str, tuple[triton.runtime.Autotuner, list[triton.Config]]]:
+    """Each autotuned kernel of this module with every config a GPU tunes it over (under the interpreter the kernel
+    itself holds one); run one config with :func:`~lightning_peft.kernels._triton_common.pinned_config`."""
+    return {
+        "fwd": (_adapter_fwd_kernel, _fwd_configs(every=True)),
+        "bwd_dz": (_adapter_bwd_dz_kernel, _dz_configs(every=True)),
+        "bwd_cols": (_adapter_bwd_cols_kernel, _cols_configs(every=True)),
+    }
 
 
 def bottleneck_forward(x: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,

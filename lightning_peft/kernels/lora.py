@@ -55,7 +55,7 @@ from ._triton_common import (
 from .limits import MAX_LORA_RANK
 from .reference import check_lora_args, no_autocast
 
-__all__ = ["fused_backward", "fused_forward", "lora_dy_pass", "lora_fused_bwd", "lora_fused_fwd", "lora_linear_triton", "lora_skinny"]
+__all__ = ["autotuned_kernels", "fused_backward", "fused_forward", "lora_dy_pass", "lora_fused_bwd", "lora_fused_fwd", "lora_linear_triton", "lora_skinny"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,8 +63,8 @@ __all__ = ["fused_backward", "fused_forward", "lora_dy_pass", "lora_fused_bwd", 
 # --------------------------------------------------------------------------------------------
 
 
-def _gemm_configs():
-    if INTERPRET:  # one config: autotune with several fails in the interpreter; big blocks are fast there
+def _gemm_configs(every: bool = False):
+    if INTERPRET and not every:  # one config: autotune with several fails in the interpreter; big blocks are fast there
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     c = triton.Config
     return [
@@ -88,8 +88,8 @@ def _gemm_configs():
 _ROW_ALIGN = 128
 
 
-def _skinny_configs():  # the first config of each list is the small one LIGHTNING_PEFT_AUTOTUNE=0 pins
-    if INTERPRET:
+def _skinny_configs(every: bool = False):  # the first config of each list is the small one LIGHTNING_PEFT_AUTOTUNE=0 pins
+    if INTERPRET and not every:
         return [triton.Config({"BLOCK_I": 64, "BLOCK_L": 128}, num_warps=4)]
     c = triton.Config
     return [c({"BLOCK_I": bi, "BLOCK_L": bl}, num_warps=w, num_stages=st)
@@ -97,8 +97,8 @@ def _skinny_configs():  # the first config of each list is the small one LIGHTNI
                                   (128, 64, 8, 3), (32, 64, 4, 4)]]
 
 
-def _dy_configs():
-    if INTERPRET:
+def _dy_configs(every: bool = False):
+    if INTERPRET and not every:
         return [triton.Config({"BLOCK_M": 128}, num_warps=4)]
     c = triton.Config
     return [c({"BLOCK_M": bm}, num_warps=w, num_stages=st)
@@ -208,9 +208,9 @@ def _set_tma_blocks(nargs):
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_KMAJOR"] else [bk, bn]
 
 
-def _tma_configs():
+def _tma_configs(every: bool = False):
     return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
-            for c in _gemm_configs()]
+            for c in _gemm_configs(every)]
 
 
 @triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "B_KMAJOR", "HAS_LORA", "BLOCK_R"],
@@ -355,6 +355,17 @@ def _dy_pass_kernel(
 
 
 TMA_ENV_VAR = "LIGHTNING_PEFT_TMA"
+
+
+def autotuned_kernels() -> dict[str, tuple[triton.runtime.Autotuner, list[triton.Config]]]:
+    """Each autotuned kernel of this module with every config a GPU tunes it over (under the interpreter the kernel
+    itself holds one); run one config with :func:`~lightning_peft.kernels._triton_common.pinned_config`."""
+    return {
+        "gemm": (_gemm_lora_kernel, _gemm_configs(every=True)),
+        "gemm_tma": (_gemm_lora_tma_kernel, _tma_configs(every=True)),
+        "skinny": (_skinny_kernel, _skinny_configs(every=True)),
+        "dy_pass": (_dy_pass_kernel, _dy_configs(every=True)),
+    }
 
 
 def _tma_wanted(t: Tensor) -> bool:
