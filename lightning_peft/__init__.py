@@ -24,12 +24,14 @@ from .callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     ParameterSummary,
+    Replay,
     RNGState,
     SigtermCheckpoint,
 )
 from .cli.peft_callback import peft_callback
 from .data import (
     ImageClassificationDataModule,
+    ReplaySampler,
     TextClassificationDataModule,
     load_image_dataset,
     load_text_dataset,
@@ -123,6 +125,7 @@ __all__ = [
     "PEFT",
     "ParameterSummary",
     "RNGState",
+    "Replay",
     "SigtermCheckpoint",
     # method configs
     "ALL_LINEAR",
@@ -171,6 +174,7 @@ __all__ = [
     "ImageClassifier",
     "InstructionDataModule",
     "PEFTMixin",
+    "ReplaySampler",
     "TextClassificationDataModule",
     "TextClassifier",
     "load_image_dataset",
