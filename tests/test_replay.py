@@ -275,3 +275,24 @@ def test_ddp_two_processes_draw_disjoint_shards(tmp_path):
         shards = [set(d[6 * p : 6 * p + 6]) for d in drawn]
         assert len(shards[0]) == len(shards[1]) == 6
         assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(12))
+
+
+class BatchSizes(pl.Callback):
+    """Records the size of each training batch (used by the Hydra job test through ``+callbacks.sizes``)."""
+
+    sizes: list[int] = []  # noqa: RUF012  (one list shared with the test that reads it)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        BatchSizes.sizes.append(len(batch["labels"]))
+
+
+def test_hydra_job_replays_through_the_config(compose, tiny_bert_dir):
+    from conftest import tiny_overrides
+    from lightning_peft.cli.train import train
+
+    BatchSizes.sizes = []
+    cfg = compose("finetune=replay", "finetune.ratio=0.25", *tiny_overrides(tiny_bert_dir), "data.batch_size=6", "trainer.max_steps=3",
+                  "+callbacks.sizes._target_=test_replay.BatchSizes")
+    metrics = train(cfg)
+    assert metrics["train/loss"] > 0
+    assert BatchSizes.sizes == [8, 8, 8]  # 6 new + round(6 · 0.25 / 0.75) = 2 old

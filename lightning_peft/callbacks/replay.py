@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -98,7 +98,8 @@ class Replay(pl.Callback):
             raise ValueError(f"Replay: soft_weight must be >= 0, got {soft_weight}")
         if temperature <= 0:
             raise ValueError(f"Replay: temperature must be > 0, got {temperature}")
-        sources = list(datasets) if isinstance(datasets, (list, tuple)) else [datasets]
+        many = isinstance(datasets, Sequence) and not isinstance(datasets, (Dataset, str))  # a list (Hydra's ListConfig too)
+        sources = list(datasets) if many else [datasets]
         if not sources:
             raise ValueError("Replay: no replay data set given; pass one or more earlier data sets.")
         self.sources = sources

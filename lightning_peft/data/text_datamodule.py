@@ -36,7 +36,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
     tokenizer makes them) of shape ``(batch, longest_in_batch)``, plus ``labels`` of shape ``(batch,)``.
 
     Args:
-        dataset: registered data set name (``bbc_news``, ``table``).
+        dataset: registered data set name (``bbc_news``, ``tweets``, ``table``).
         tokenizer: tokenizer name or path (usually the model's ``name_or_path``).
         max_length: truncate texts to this many tokens.
         batch_size: examples per batch (validation uses the same).
