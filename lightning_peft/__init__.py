@@ -25,12 +25,14 @@ from .callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     ParameterSummary,
+    Replay,
     RNGState,
     SigtermCheckpoint,
 )
 from .cli.peft_callback import peft_callback
 from .data import (
     ImageClassificationDataModule,
+    ReplaySampler,
     TextClassificationDataModule,
     load_image_dataset,
     load_text_dataset,
@@ -126,6 +128,7 @@ __all__ = [
     "PEFT",
     "ParameterSummary",
     "RNGState",
+    "Replay",
     "SigtermCheckpoint",
     # method configs
     "ALL_LINEAR",
@@ -175,6 +178,7 @@ __all__ = [
     "InstructionDataModule",
     "KnowledgeConfig",
     "PEFTMixin",
+    "ReplaySampler",
     "TextClassificationDataModule",
     "TextClassifier",
     "load_image_dataset",

