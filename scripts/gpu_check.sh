@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 20 in one command, at most ~8 minutes on an H100/H200:
+# The GPU measurement of issue 20 in one command, at most ~9.5 minutes on an H100/H200:
 #
 #   bash scripts/gpu_check.sh          # JSON and logs in $OUT, or in docs/results/gpu/ when OUT is unset
 #
@@ -9,6 +9,8 @@
 #   3. bench_kernels (160 s) and bench_adapter (40 s): LoRA fused / cuBLAS-backed / dispatch / HF PEFT, and the
 #      bottleneck adapter, against their floors (torch.compile rows left out for time)
 #   4. bench_e2e     (140 s): 1.1B Llama, LoRA r=16 on all linear layers: floor, HF PEFT, ours, ours on the addmm path
+#   5. kernel_configs (75 s): every autotune config of every kernel launched explicitly, natively in bf16
+#      (tests/test_kernels_configs.py; last, as the lowest priority: its junit XML says how far it got)
 # Runs from a checkout without install (PYTHONPATH is the checkout). PYTHON names the interpreter (default:
 # .venv/bin/python when present, else python3). Exit status 0 when every step passed. Writes gpu_check.json
 # (each step's status and seconds) beside the step logs and the benchmarks' JSON.
@@ -54,6 +56,8 @@ step bare_gemm 70 "$PY" scripts/bench_kernels.py --only gemm --rep 100 --out "$D
 step bench_kernels 160 "$PY" scripts/bench_kernels.py --only lora --skip-compile --rep 100 --out "$DEST/bench_kernels_lora.json"
 step bench_adapter 40 "$PY" scripts/bench_kernels.py --only adapter --skip-compile --rep 100 --out "$DEST/bench_kernels_adapter.json"
 step bench_e2e 140 "$PY" scripts/bench_e2e.py --steps 5 --modes floor,hf_peft,ours,ours_addmm --out "$DEST/bench_e2e.json"
+
+step kernel_configs 75 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_configs.py --junitxml "$DEST/kernel_configs.xml"
 
 echo "{\"status\": $STATUS, \"env\": $(cat "$DEST/env.json"), \"steps\": [$STEPS]}" >"$DEST/gpu_check.json"
 echo "wrote $DEST (gpu_check.json, *.log, bench_*.json); status $STATUS"
