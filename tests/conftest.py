@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 # Offline settings and the Triton interpreter are set in the repository's root conftest.py.
+import json
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,19 @@ def tiny_overrides(model_dir: str) -> list[str]:
         "callbacks.model_checkpoint=null",
         "callbacks.progress_bar=null",
     ]
+
+
+def reviews_overrides(tmp_path: Path) -> list[str]:
+    """Overrides for a learnable 2-class table (one word tells the class) instead of BBC News."""
+    rows = ["text,label"] + [f"review {i} was {'good' if i % 2 else 'bad'}{' really' * (i % 5)},{'pos' if i % 2 else 'neg'}" for i in range(80)]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
+    return ["data=table", f"data.dataset_kwargs.path={tmp_path / 'reviews.csv'}"]
+
+
+def assert_learned(run_dir: Path) -> None:
+    """The held-out loss fell from the first epoch to the last, and the last accuracy is above chance (2 classes)."""
+    history = [(h["val/loss"], h["val/acc"]) for h in json.loads((run_dir / "metrics.json").read_text())["history"]]
+    assert len(history) >= 2 and history[-1][0] < history[0][0] and history[-1][1] > 0.5, history
 
 
 def tiny_llm_overrides(model_dir: str, records: str) -> list[str]:

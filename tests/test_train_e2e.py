@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import assert_learned, reviews_overrides, tiny_overrides
 from lightning_peft import TextClassifier, inject, list_adapters, load_adapter
 from lightning_peft.cli.train import train
 from lightning_peft.peft import adapter_state_dict, config_from_dict
@@ -50,19 +50,6 @@ def test_default_job_fine_tunes_the_packaged_model_and_writes_metrics(compose, t
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def _reviews(tmp_path: Path) -> list[str]:
-    """Overrides for a learnable 2-class table (one word tells the class) instead of BBC News."""
-    rows = ["text,label"] + [f"review {i} was {'good' if i % 2 else 'bad'}{' really' * (i % 5)},{'pos' if i % 2 else 'neg'}" for i in range(80)]
-    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
-    return ["data=table", f"data.dataset_kwargs.path={tmp_path / 'reviews.csv'}"]
-
-
-def _assert_learned(run_dir: Path) -> None:
-    """The held-out loss fell from the first epoch to the last, and the last accuracy is above chance (2 classes)."""
-    history = [(h["val/loss"], h["val/acc"]) for h in json.loads((run_dir / "metrics.json").read_text())["history"]]
-    assert len(history) >= 2 and history[-1][0] < history[0][0] and history[-1][1] > 0.5, history
-
-
 def _backbone_change(run_dir: Path, pretrained_dir: str) -> set[str]:
     """Names of backbone tensors that differ between the run's saved checkpoint and the pretrained model."""
     from transformers import BertModel
@@ -93,11 +80,11 @@ def test_full_finetuning_changes_the_backbone(compose, tmp_path, tiny_bert_dir):
 @pytest.mark.parametrize("strategy", ["partial", "gradual_unfreeze", "discriminative"])
 def test_each_strategy_trains_the_text_classifier(compose, tmp_path, tiny_bert_dir, strategy):
     overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
-    cfg = compose(f"finetune={strategy}", *overrides, *_reviews(tmp_path), "trainer.max_epochs=2", "trainer.max_steps=-1", "finetune.lr=1e-2",  # 2 epochs of 4 steps
+    cfg = compose(f"finetune={strategy}", *overrides, *reviews_overrides(tmp_path), "trainer.max_epochs=2", "trainer.max_steps=-1", "finetune.lr=1e-2",  # 2 epochs of 4 steps
                   "callbacks.model_checkpoint.monitor=null")  # keep the last checkpoint
     metrics = train(cfg)
     assert metrics["train/loss"] > 0
-    _assert_learned(tmp_path)
+    assert_learned(tmp_path)
     changed = _backbone_change(tmp_path, tiny_bert_dir)
     layer0 = any(k.startswith("encoder.layer.0.") for k in changed)
     top = any(k.startswith("encoder.layer.1.") for k in changed)
@@ -109,11 +96,11 @@ def test_each_strategy_trains_the_text_classifier(compose, tmp_path, tiny_bert_d
 @pytest.mark.parametrize("method", ["lora", "qlora", "ia3", "bitfit"])
 def test_each_peft_method_trains_through_the_hydra_job(compose, tmp_path, tiny_bert_dir, method):
     overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith("callbacks.model_checkpoint")]
-    cfg = compose(f"peft={method}", *overrides, *_reviews(tmp_path), "trainer.max_epochs=2", "trainer.max_steps=-1", "peft.lr=3e-2",
+    cfg = compose(f"peft={method}", *overrides, *reviews_overrides(tmp_path), "trainer.max_epochs=2", "trainer.max_steps=-1", "peft.lr=3e-2",
                   "callbacks.model_checkpoint.monitor=null")
     metrics = train(cfg)
     assert metrics["train/loss"] > 0
-    _assert_learned(tmp_path)
+    assert_learned(tmp_path)
     (ckpt,) = (tmp_path / "checkpoints").glob("epoch*.ckpt")  # besides last.ckpt
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not any(k.startswith("backbone.embeddings.word_embeddings") for k in state)  # adapter-only checkpoint
@@ -150,10 +137,10 @@ def test_adapter_and_prompt_methods_train_through_the_hydra_job(compose, tmp_pat
     small = {"prefix_tuning": ["peft.projection_hidden=16"], "p_tuning": ["peft.encoder_hidden=16"]}.get(method, [])
     if not method.startswith("adapter_"):
         small.append("peft.num_virtual_tokens=4")
-    metrics = train(compose(f"peft={method}", *overrides, *small, *_reviews(tmp_path), "trainer.max_epochs=6", "trainer.max_steps=-1",
+    metrics = train(compose(f"peft={method}", *overrides, *small, *reviews_overrides(tmp_path), "trainer.max_epochs=6", "trainer.max_steps=-1",
                             "peft.lr=3e-2", "callbacks.model_checkpoint.monitor=null"))
     assert metrics["train/loss"] > 0
-    _assert_learned(tmp_path)
+    assert_learned(tmp_path)
     (ckpt,) = (tmp_path / "checkpoints").glob("epoch*.ckpt")  # besides last.ckpt
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert not any("embeddings.word_embeddings" in k and ".adapters." not in k for k in state)  # adapter-only checkpoint
