@@ -18,6 +18,7 @@ from ..groups.matching import match_module_names
 from ..losses.distillation import (
     hidden_state_loss,
     load_teacher,
+    output_logits,
     output_width,
     soft_target_loss,
     token_distillation_loss,
@@ -28,15 +29,6 @@ from ..utils.calls import bind_forward, forward_signature
 from ..utils.patching import Patch, patch_method
 
 __all__ = ["Distillation"]
-
-
-def _logits(output: Any, who: str) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(f"Distillation: the {who}'s forward returned {type(output).__name__}; it must return logits (a tensor, or an object with .logits).")
 
 
 def _hidden(output: Any) -> Tensor:
@@ -285,7 +277,7 @@ class Distillation(pl.Callback):
                 "self(...), pass student='net'."
             )
         s_args, s_kwargs, s_out = calls[0]
-        student_logits = _logits(s_out, "student")
+        student_logits = output_logits(s_out, "Distillation: the student's forward")
         t_hidden: dict[str, Tensor] = {}
         t_handles = [
             self.teacher.get_submodule(t_name).register_forward_hook(lambda m, a, o, n=t_name: t_hidden.__setitem__(n, _hidden(o)))
@@ -299,7 +291,7 @@ class Distillation(pl.Callback):
                 s_kwargs["use_cache"] = False
         try:
             with torch.no_grad():
-                teacher_logits = _logits(self.teacher(*s_args, **s_kwargs), "teacher")
+                teacher_logits = output_logits(self.teacher(*s_args, **s_kwargs), "Distillation: the teacher's forward")
         finally:
             for h in t_handles:
                 h.remove()

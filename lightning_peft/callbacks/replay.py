@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..data.replay import ReplayLoader, replay_count
-from ..losses.distillation import soft_target_loss
+from ..losses.distillation import output_logits, soft_target_loss
 from ..utils.patching import Patch, patch_method
 
 __all__ = ["Replay"]
@@ -26,15 +26,6 @@ def _as_dataset(source: Any) -> Dataset:
     if isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
         return source
     raise TypeError(f"Replay: a replay data set must be a map-style Dataset or a LightningDataModule, got {type(source).__name__}")
-
-
-def _logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(f"Replay: the module's forward returned {type(output).__name__}; soft targets need logits (a tensor or .logits).")
 
 
 class Replay(pl.Callback):
@@ -177,7 +168,7 @@ class Replay(pl.Callback):
             for start in range(0, len(replay), 64):
                 batch = collate([replay[i] for i in range(start, min(start + 64, len(replay)))])
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                out.append(_logits(self._forward(pl_module, batch)).float().cpu())
+                out.append(output_logits(self._forward(pl_module, batch), "Replay: the module's forward").float().cpu())
         finally:
             pl_module.train(was_training)
         return torch.cat(out)
@@ -220,7 +211,7 @@ class Replay(pl.Callback):
             raise TypeError(f"Replay: training_step must return the loss (a tensor or a dict with 'loss'), got {type(out).__name__}.")
         if len(outputs) != 1:
             raise RuntimeError(f"Replay(soft_weight>0): the module's forward ran {len(outputs)} times in training_step; it must run once on the whole batch.")
-        logits = _logits(outputs[0])
+        logits = output_logits(outputs[0], "Replay: the module's forward")
         targets = self.targets[self.batch_replay].to(logits.device)
         soft = soft_target_loss(logits[-m:], targets, self.temperature)
         loss = task + self.soft_weight * soft

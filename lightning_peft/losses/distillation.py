@@ -196,6 +196,16 @@ def load_teacher(name_or_path: str | os.PathLike, num_labels: int | None = None,
     return model
 
 
+def output_logits(output: object, who: str) -> Tensor:
+    """The logits in a forward's output: the tensor itself or its ``.logits``; ``who`` names the forward in the error."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(f"{who} returned {type(output).__name__}; it must return logits (a tensor, or an object with .logits).")
+
+
 @torch.no_grad()
 def output_width(module: nn.Module) -> int | None:
     """Feature width of ``module``'s output, read from its last Linear / norm / conv / embedding layer."""
