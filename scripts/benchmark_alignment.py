@@ -6,10 +6,13 @@ validation four times along the way, and writes ``docs/results/smollm2_<task>/``
 (``runs/<name>/benchmark_done``) is reused, so rerunning the command only does what is missing.
 
     python scripts/benchmark_alignment.py --task dpo    # SPIN-style pairs (cached), base model, DPO on LoRA
+    python scripts/benchmark_alignment.py --task dpo --lr 5e-5 --out docs/results/smollm2_dpo_sft \
+        --sft-adapter docs/results/smollm2_headlines/runs/lora-seed0/adapter   # pairs and DPO from the SFT model
     python scripts/benchmark_alignment.py --task grpo --sft-adapter docs/results/smollm2_topics/runs/lora-seed0/adapter
 
 ``dpo``: pairs from ``scripts/make_dpo_pairs.py`` (chosen: the true headline; rejected: the base model's own
-greedy headline), 160 for training and 32 held out. Scored on the held-out pairs by the implicit-reward
+greedy headline, or with ``--sft-adapter`` the SFT model's, which DPO then starts from and keeps as its
+reference), 160 for training and 32 held out. Scored on the held-out pairs by the implicit-reward
 preference accuracy (0 before training: policy = reference), the policy's own preference (chosen more
 likely than rejected), and ROUGE-L of greedy headlines of 16 held-out prompts against the true ones.
 
@@ -35,6 +38,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from benchmark_strategies import run_one  # noqa: E402  (the same resumable runner as the method tables)
 
 PAIRS = REPO / "data" / "dpo" / "bbc_headlines_pairs.jsonl"
+DEFAULT_LR = {"dpo": 3e-4, "grpo": 1e-4}
 
 
 class Task(NamedTuple):
@@ -49,26 +53,28 @@ class Task(NamedTuple):
 
 TASKS: dict[str, Task] = {
     "dpo": Task(
-        "DPO (sigmoid, beta 0.1) on SPIN-style BBC headline pairs, LoRA r=8 on all linear layers, lr 3e-4, 1 epoch",
+        "DPO (sigmoid, beta 0.1) on SPIN-style BBC headline pairs, LoRA r=8 on all linear layers, 1 epoch",
         ["experiment=smollm2_dpo", "peft=lora", "peft.target_modules=all-linear", "data.generate_size=16"],
-        ["peft.lr=3e-4", "trainer.val_check_interval=0.25"],
+        ["trainer.val_check_interval=0.25"],
         [("val/rewards/accuracy", "preference accuracy (implicit reward)"), ("val/rougeL", "headline ROUGE-L"),
          ("val/logps/accuracy", "policy prefers chosen"), ("val/rewards/margin", "reward margin"),
          ("val/logps/chosen", "log p(chosen)"), ("val/logps/rejected", "log p(rejected)"), ("val/kl", "KL to reference (k3, chosen tokens)"),
          ("val/logratio/chosen", "log π/π_ref per token, chosen"), ("val/logratio/rejected", "log π/π_ref per token, rejected")],
     ),
     "grpo": Task(
-        "GRPO with topic_reward from the LoRA SFT model, 4 completions per prompt, LoRA r=8 on all linear layers, lr 1e-4",
+        "GRPO with topic_reward, 4 completions per prompt, LoRA r=8 on all linear layers",
         ["experiment=smollm2_grpo", "peft=lora", "peft.target_modules=all-linear"],
-        ["peft.lr=1e-4", "trainer.val_check_interval=0.25"],
+        ["trainer.val_check_interval=0.25"],
         [("val/reward", "mean reward (greedy)"), ("val/exact_match", "topic exact match"), ("val/rougeL", "ROUGE-L")],
     ),
 }
 
 
-def make_pairs(path: Path, articles: int, log: Path) -> None:
+def make_pairs(path: Path, articles: int, log: Path, adapter: str | None = None) -> None:
     """The DPO pairs (``make_dpo_pairs.py`` reuses its cache when the model and settings match)."""
     command = [sys.executable, str(REPO / "scripts" / "make_dpo_pairs.py"), "--num-articles", str(articles), "--out", str(path)]
+    if adapter:
+        command += ["--adapter", str(Path(adapter).resolve())]
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), TOKENIZERS_PARALLELISM="false")
     with open(log, "w") as out:
         if subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
@@ -82,7 +88,7 @@ def reported(run_dir: Path, keys: list[str]) -> tuple[dict[str, float], list[dic
     return pick(data["final"]), [{"step": h["global_step"], **pick(h)} for h in data["history"]]
 
 
-def plot(task: Task, curve: list[dict[str, float]], before: dict[str, float], out: Path) -> Path:
+def plot(task: Task, description: str, curve: list[dict[str, float]], before: dict[str, float], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +102,7 @@ def plot(task: Task, curve: list[dict[str, float]], before: dict[str, float], ou
         ax.set_xlabel("optimizer step")
         ax.set_title(label, fontsize=10)
         ax.grid(True, alpha=0.3)
-    fig.suptitle(task.description, fontsize=9)
+    fig.suptitle(description, fontsize=9)
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=120)
@@ -107,7 +113,9 @@ def plot(task: Task, curve: list[dict[str, float]], before: dict[str, float], ou
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
-    parser.add_argument("--sft-adapter", help="grpo: the SFT adapter folder to start from (merged into the weights first)")
+    parser.add_argument("--sft-adapter", help="the SFT adapter folder to start from (merged into the weights first; "
+                        "required for grpo; for dpo the pairs' rejected answers then come from that model too)")
+    parser.add_argument("--lr", type=float, help=f"the adapter's learning rate (default: {DEFAULT_LR})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output folder (default: docs/results/smollm2_<task>)")
     parser.add_argument("--pairs", help=f"dpo: a JSONL of {{prompt, chosen, rejected}} pairs to use as they are (default: made by "
@@ -119,21 +127,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out) if args.out else REPO / "docs" / "results" / f"smollm2_{args.task}"
     (out / "runs").mkdir(parents=True, exist_ok=True)
     common = list(task.common)
-    if args.task == "grpo":
-        if not args.sft_adapter or not Path(args.sft_adapter).is_dir():
-            raise SystemExit(f"--task grpo needs --sft-adapter <folder> (a saved SFT adapter), got {args.sft_adapter!r}: "
-                             "train one with `scripts/benchmark_strategies.py --task smollm2_topics --methods lora --seeds 0`")
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.task]
+    description = f"{task.description}, lr {lr:g}, from the {'SFT' if args.sft_adapter else 'base'} model"
+    if args.task == "grpo" and not args.sft_adapter:
+        raise SystemExit("--task grpo needs --sft-adapter <folder> (a saved SFT adapter): "
+                         "train one with `scripts/benchmark_strategies.py --task smollm2_topics --methods lora --seeds 0`")
+    if args.sft_adapter:
+        if not Path(args.sft_adapter).is_dir():
+            raise SystemExit(f"--sft-adapter {args.sft_adapter}: no such folder (a saved adapter, e.g. <run>/adapter)")
         common.append(f"model.sft_adapter={Path(args.sft_adapter).resolve()}")
-    else:
-        pairs = Path(args.pairs) if args.pairs else PAIRS
+    if args.task == "dpo":
+        pairs = Path(args.pairs) if args.pairs else PAIRS if not args.sft_adapter else PAIRS.with_name(PAIRS.stem + "_sft.jsonl")
         if args.pairs is None:
-            make_pairs(pairs, args.num_articles, out / "runs" / "make_dpo_pairs.log")
+            make_pairs(pairs, args.num_articles, out / "runs" / "make_dpo_pairs.log", args.sft_adapter)
         elif not pairs.is_file():
             raise SystemExit(f"--pairs {pairs}: no such file")
         common.append(f"data.train={pairs.resolve()}")
     keys = [k for k, _ in task.metrics]
     results: dict[str, Any] = {}
-    for name, overrides in (("before", ["train=false"]), ("trained", task.train)):
+    for name, overrides in (("before", ["train=false"]), ("trained", [*task.train, f"peft.lr={lr}"])):
         run_dir = out / "runs" / f"{name}-seed{args.seed}"
         start = time.perf_counter()
         run = run_one(name, common + overrides, args.seed, [], args.extra, run_dir, out / "runs" / f"{name}-seed{args.seed}.log",
@@ -143,18 +155,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "trainable": run["trainable"], "step_seconds": run["step_seconds"], "peak_memory_MiB": run["peak_memory_MiB"]}
         print(f"{name}: " + "  ".join(f"{k} {final[k]:.4f}" for k in keys if k in final) + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     before, after = results["before"]["final"], results["trained"]["final"]
-    lines = [f"{task.description}; seed {args.seed}; {platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}.", "",
+    lines = [f"{description}; seed {args.seed}; {platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}.", "",
              "| metric (held-out) | before | after |", "|---|---:|---:|"]
     lines += [f"| {label} | {before[k]:.3f} | {after[k]:.3f} |" for k, label in task.metrics if k in before and k in after]
     trained = results["trained"]
     step = f"{trained['step_seconds']:.1f} s/step" if trained["step_seconds"] else "s/step n/a"
     lines += ["", f"Trainable parameters {trained['trainable']:,}; {step}; peak memory {trained['peak_memory_MiB']:,.0f} MiB (process RSS)."]
     table = "\n".join(lines) + "\n"
-    meta = {"task": task.description, "overrides": common + task.train + args.extra, "seed": args.seed,
+    meta = {"task": description, "overrides": [*common, *task.train, f"peft.lr={lr}", *args.extra], "seed": args.seed,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}", "date": time.strftime("%Y-%m-%d")}
     (out / "results.json").write_text(json.dumps({"meta": meta, **results}, indent=2) + "\n")
     (out / "results.md").write_text(table)
-    image = plot(task, trained["history"], before, out)
+    image = plot(task, description, trained["history"], before, out)
     print("\n" + table)
     print("wrote", out / "results.json", out / "results.md", image)
     return results

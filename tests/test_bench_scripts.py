@@ -173,6 +173,8 @@ def test_benchmark_alignment_dpo_before_and_after_on_the_tiny_llama(tmp_path, ti
     assert len(stamps) == 2 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # reused, not retrained
     with pytest.raises(SystemExit, match="--task grpo needs --sft-adapter"):
         script.main(["--task", "grpo", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--sft-adapter .*missing: no such folder"):
+        script.main(["--task", "dpo", "--sft-adapter", str(tmp_path / "missing"), "--out", str(out)])
 
 
 def test_benchmark_knowledge_quick_runs_every_variant_and_resumes(tmp_path, tiny_bert_dir, monkeypatch):

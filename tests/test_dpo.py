@@ -210,6 +210,31 @@ def test_reference_with_adapters_disabled_equals_a_frozen_copy_of_the_base(token
     torch.testing.assert_close(full.reference_token_logps(batch), expected, rtol=0, atol=1e-6)
 
 
+def test_sft_adapter_is_merged_so_the_start_and_the_reference_are_the_sft_model(tokenizer, tmp_path):
+    from tiny_models import randomize
+
+    from lightning_peft import list_adapters, save_adapter
+
+    sft = tiny_llama(seed=4)
+    inject(sft, LoRAConfig(r=4, target_modules="all-linear", dropout=0.0))
+    randomize(sft, std=0.3)  # an SFT adapter that changes the outputs
+    save_adapter(sft, tmp_path / "sft")
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        expected, _ = token_logprobs(sft.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        base, _ = token_logprobs(tiny_llama(seed=4).eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    assert (expected - base).abs().max() > 1e-2
+
+    module = DPO(tiny_llama(seed=4), tokenizer=tokenizer, sft_adapter=tmp_path / "sft")
+    assert module.hparams["sft_adapter"] == str(tmp_path / "sft") and list_adapters(module.model) == []  # merged; a plain string
+    inject(module, LoRAConfig(r=4, target_modules="all-linear", dropout=0.0))  # DPO's new adapter starts at B = 0
+    module.setup("fit")
+    assert module.reference_mode == "adapters"
+    policy, _ = token_logprobs(module.eval()(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    torch.testing.assert_close(policy, expected, rtol=0, atol=1e-5)  # DPO starts from the SFT model
+    torch.testing.assert_close(module.reference_token_logps(batch), expected, rtol=0, atol=1e-5)  # and keeps it as the reference
+
+
 @pytest.mark.parametrize("method", ["ia3", "prompt_tuning", "prefix_tuning"])
 def test_adapter_disabled_reference_is_the_base_model_for_other_methods(tokenizer, method):
     from tiny_models import randomize

@@ -10,6 +10,7 @@ import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +52,9 @@ class DPO(CausalLM):
     The reference (``reference=``):
 
     - ``adapters``: the same network with its adapters disabled, no gradients, eval mode -- no second model.
-      The reference is then the base model *without any adapter*: to start DPO from an SFT adapter, use
-      ``copy`` (the copy holds the SFT adapter), merge it first (:func:`~lightning_peft.merge_and_unload`) and
-      train a new one, or precompute the reference log-probs.
+      The reference is then the model *without the trained adapter*: to start DPO from an SFT adapter, pass
+      ``sft_adapter=`` (merged into the weights first, so both the starting policy and the reference are the
+      SFT model, as in InstructGPT and SPIN), or use ``copy``, or precompute the reference log-probs.
     - ``copy``: a frozen deep copy of the model taken at ``setup`` (before a resumed checkpoint is loaded, so it
       is the starting policy, adapters included), kept out of the state dict and checkpoints; doubles the
       weights' memory.
@@ -75,7 +76,8 @@ class DPO(CausalLM):
     against the chosen ones (``val/rougeL``, ``val/exact_match``, ``samples.jsonl``) as :class:`CausalLM` does.
 
     Args:
-        name_or_path, tokenizer, optimizer, scheduler, max_new_tokens, dtype: as :class:`~lightning_peft.CausalLM`.
+        name_or_path, tokenizer, optimizer, scheduler, max_new_tokens, dtype, sft_adapter: as
+            :class:`~lightning_peft.CausalLM`.
         beta: β, how far the policy may move from the reference (IPO: the regulariser τ). TRL's default 0.1.
         loss_type: ``sigmoid`` (DPO) or ``ipo`` (length-averaged log-ratios, as TRL).
         label_smoothing: ε in [0, 0.5), the assumed probability that a preference is flipped (conservative DPO).
@@ -96,11 +98,12 @@ class DPO(CausalLM):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         reference: str = "auto",
+        sft_adapter: str | Path | None = None,
     ) -> None:
         check_dpo_settings(beta, loss_type, label_smoothing)
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-        super().__init__(name_or_path, tokenizer, optimizer, scheduler, max_new_tokens, dtype)
+        super().__init__(name_or_path, tokenizer, optimizer, scheduler, max_new_tokens, dtype, sft_adapter)
         self.beta, self.loss_type, self.label_smoothing, self.reference = float(beta), loss_type, float(label_smoothing), reference
         self.reference_mode: str | None = None  # what ``reference`` resolved to at setup
         self._frozen_reference: tuple[nn.Module, ...] = ()  # a tuple: not a submodule, so never saved nor trained

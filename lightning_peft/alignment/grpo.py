@@ -15,8 +15,7 @@ from ..data.instructions import IGNORE_INDEX
 from ..losses.logprobs import token_logprobs
 from ..models.causal_lm import CausalLM
 from ..optim.build import OptimizerFactory, SchedulerFactory
-from ..peft.adapter_files import load_adapter
-from ..peft.functional import active_adapters, disable_adapters, merge_and_unload
+from ..peft.functional import active_adapters, disable_adapters
 from .grpo_loss import SCALE_REWARDS, group_advantages, grpo_loss
 from .rewards import RewardFunction, resolve_reward, reward_name, score_completions
 
@@ -137,7 +136,8 @@ class GRPO(CausalLM):
         if scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
         super().__init__(
-            name_or_path, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, max_new_tokens=max_new_tokens, dtype=dtype
+            name_or_path, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, max_new_tokens=max_new_tokens, dtype=dtype,
+            sft_adapter=sft_adapter,
         )
         self.reward_fn = resolve_reward(reward)
         self.num_generations, self.temperature, self.beta, self.epsilon = num_generations, float(temperature), float(beta), float(epsilon)
@@ -146,15 +146,7 @@ class GRPO(CausalLM):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "name_or_path", "tokenizer", "reward"])
         self.hparams["reward"] = reward_name(self.reward_fn)
         if sft_adapter is not None:
-            self.hparams["sft_adapter"] = str(sft_adapter)  # a Path would not load with weights_only=True
-            self._merge_sft_adapter(str(sft_adapter))
-
-    def _merge_sft_adapter(self, path: str) -> None:
-        trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
-        load_adapter(self.model, path, adapter_name="sft")  # names saved from a training run are re-rooted onto self.model
-        merge_and_unload(self.model)
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(trainable.get(name, True))
+            self.hparams["sft_adapter"] = str(sft_adapter)  # merged by CausalLM; a Path would not load with weights_only=True
 
     # --- sampling and scoring ------------------------------------------------------------------
 

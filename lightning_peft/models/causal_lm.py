@@ -13,7 +13,9 @@ from torch import nn
 
 from ..data.instructions import IGNORE_INDEX
 from ..optim.build import OptimizerFactory, SchedulerFactory, configure_optimizers
+from ..peft.adapter_files import load_adapter
 from ..peft.checkpoint import check_adapter_only_checkpoint
+from ..peft.functional import merge_and_unload
 from ..utils.atomic_files import atomic_write_text
 from .pretrained import _load, load_tokenizer
 
@@ -71,6 +73,9 @@ class CausalLM(pl.LightningModule):
         scheduler: factory ``(optimizer, total_steps=...)``, stepped every optimizer step; optional.
         max_new_tokens: tokens generated per validation answer.
         dtype: weights' dtype when loading by name (``float32``, ``bfloat16``; default: the checkpoint's).
+        sft_adapter: a saved adapter (:func:`~lightning_peft.save_adapter` folder, a training run's ``adapter``
+            folder, a Hugging Face PEFT folder or checkpoint) merged into the weights first, so training starts from
+            that fine-tuned model with a new adapter, and an adapter-disabled reference (DPO, GRPO) is that model.
     """
 
     default_lr = 2e-5
@@ -83,6 +88,7 @@ class CausalLM(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         max_new_tokens: int = 32,
         dtype: str | None = None,
+        sft_adapter: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "name_or_path", "tokenizer"])
@@ -96,6 +102,16 @@ class CausalLM(pl.LightningModule):
         self._samples: list[dict[str, str]] = []
         self._scores: dict[str, list[float]] = {"rougeL": [], "exact_match": []}
         self.model.train()
+        if sft_adapter is not None:
+            self.hparams["sft_adapter"] = str(sft_adapter)  # a Path would not load with weights_only=True
+            self._merge_sft_adapter(str(sft_adapter))
+
+    def _merge_sft_adapter(self, path: str) -> None:
+        trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        load_adapter(self.model, path, adapter_name="sft")  # names saved from a training run are re-rooted onto self.model
+        merge_and_unload(self.model)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(trainable.get(name, True))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_adapter_only_checkpoint(self, checkpoint)  # an adapter-only checkpoint without the PEFT callback: say so
