@@ -9,6 +9,7 @@ per epoch and peak memory, plus the size of the saved adapter; then writes, into
 - ``results.json``: every run and the per-method mean and standard deviation over seeds;
 - ``results.md``: the table;
 - ``accuracy_vs_trainable.png`` (log x axis) and ``validation_curves.png``.
+- ``samples/<method>-seed<N>.md`` (LLM tasks): the prompts, references and greedy answers of each run's last validation.
 
 Finished runs are reused (their ``metrics.json`` is read again), so an interrupted benchmark resumes.
 
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -366,6 +368,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = run_one(method, methods[method][1], seed, budget, args.extra, run_dir, out / "runs" / f"{method}-seed{seed}.log",
                              task.metrics)
             runs.append(result)
+            if (run_dir / "samples.md").is_file():  # LLM tasks: the last validation's answers, kept beside the table to read
+                (out / "samples").mkdir(exist_ok=True)
+                shutil.copyfile(run_dir / "samples.md", out / "samples" / f"{method}-seed{seed}.md")
             print(f"{method:<18} seed {seed}: {task.metrics[0]} {result['score']:.4f}  {task.metrics[1]} {result['score2']:.4f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     if not runs:

@@ -124,6 +124,8 @@ def test_benchmark_strategies_llm_task_reports_generation_metrics(tmp_path, tiny
     assert all(0 <= r["score_mean"] <= 1 and 0 <= r["score2_mean"] <= 1 and r["trainable_pct"] < 100 for r in rows.values())
     table = (tmp_path / "results.md").read_text()
     assert "| method | seeds | ROUGE-L (mean ± std) | exact match |" in table
+    for method in rows:  # each run's last validation answers, beside the table for a person to read
+        assert (tmp_path / "samples" / f"{method}-seed0.md").read_text() == (tmp_path / "runs" / f"{method}-seed0" / "samples.md").read_text()
     with pytest.raises(SystemExit, match="bitfit does not apply to task smollm2_headlines"):
         script.main(["--task", "smollm2_headlines", "--quick", "--methods", "bitfit", "--out", str(tmp_path)])
 
