@@ -3,8 +3,8 @@
 Each (method, seed) is one run of the Hydra entry point ``scripts/train.py`` in its own process (so
 peak memory and state are its own), with the method's overrides on top of the budget's. From each
 run's ``metrics.json`` it collects the task's two validation metrics (accuracy and macro-F1 for the
-classifiers; ROUGE-L and exact match of greedy answers for the LLM tasks), trainable parameters, wall time
-per epoch and peak memory, plus the size of the saved adapter; then writes, into ``--out``:
+classifiers; ROUGE-L or exact match of greedy answers, and the held-out completion loss, for the LLM
+tasks), trainable parameters, wall time per epoch and peak memory, plus the size of the saved adapter; then writes, into ``--out``:
 
 - ``results.json``: every run and the per-method mean and standard deviation over seeds;
 - ``results.md``: the table;
@@ -171,15 +171,15 @@ TASKS: dict[str, Task] = {
     ),
     "smollm2_headlines": Task(
         "BBC News headline generation, SmolLM2-135M-Instruct", ["experiment=smollm2_headlines"], LLM_BUDGETS, LLM_METHODS,
-        LLM_EXCLUDED, ("val/rougeL", "val/exact_match"), ("ROUGE-L", "exact match"),
+        LLM_EXCLUDED, ("val/rougeL", "val/loss"), ("ROUGE-L", "validation loss"),
     ),
     "smollm2_lora_variants": Task(
         "The LoRA family on BBC News topic as one generated word, SmolLM2-135M-Instruct", ["experiment=smollm2_topics"], LLM_BUDGETS,
-        LLM_LORA_VARIANTS, {}, ("val/exact_match", "val/rougeL"), ("exact match", "ROUGE-L"),
+        LLM_LORA_VARIANTS, {}, ("val/exact_match", "val/loss"), ("exact match", "validation loss"),
     ),
     "smollm2_topics": Task(
         "BBC News topic as one generated word, SmolLM2-135M-Instruct", ["experiment=smollm2_topics"], LLM_BUDGETS, LLM_METHODS,
-        LLM_EXCLUDED, ("val/exact_match", "val/rougeL"), ("exact match", "ROUGE-L"),
+        LLM_EXCLUDED, ("val/exact_match", "val/loss"), ("exact match", "validation loss"),
     ),
 }
 

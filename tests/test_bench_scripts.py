@@ -121,9 +121,12 @@ def test_benchmark_strategies_llm_task_reports_generation_metrics(tmp_path, tiny
                           "--out", str(tmp_path), "--extra", *extra])
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"lora", "prompt_tuning"}
-    assert all(0 <= r["score_mean"] <= 1 and 0 <= r["score2_mean"] <= 1 and r["trainable_pct"] < 100 for r in rows.values())
+    assert all(0 <= r["score_mean"] <= 1 and r["score2_mean"] > 0 and r["trainable_pct"] < 100 for r in rows.values())
+    for run in result["runs"]:  # the second column is the held-out completion loss of the run's last validation
+        metrics = json.loads((tmp_path / "runs" / f"{run['method']}-seed0" / "metrics.json").read_text())
+        assert run["score2"] == metrics["final"]["val/loss"]
     table = (tmp_path / "results.md").read_text()
-    assert "| method | seeds | ROUGE-L (mean ± std) | exact match |" in table
+    assert "| method | seeds | ROUGE-L (mean ± std) | validation loss |" in table
     for method in rows:  # each run's last validation answers, beside the table for a person to read
         assert (tmp_path / "samples" / f"{method}-seed0.md").read_text() == (tmp_path / "runs" / f"{method}-seed0" / "samples.md").read_text()
     with pytest.raises(SystemExit, match="bitfit does not apply to task smollm2_headlines"):
