@@ -8,7 +8,8 @@ tasks), trainable parameters, wall time per epoch and peak memory, plus the size
 
 - ``results.json``: every run and the per-method mean and standard deviation over seeds;
 - ``results.md``: the table;
-- ``accuracy_vs_trainable.png`` (log x axis) and ``validation_curves.png``.
+- ``accuracy_vs_trainable.png`` (log x axis), ``scores.png`` (both metrics per method) and, when runs validate
+  more than once, ``validation_curves.png``.
 - ``samples/<method>-seed<N>.md`` (LLM tasks): the prompts, references and greedy answers of each run's last validation.
 
 Finished runs are reused (their ``metrics.json`` is read again), so an interrupted benchmark resumes.
@@ -282,12 +283,16 @@ def _colour(method: str, rows: list[dict[str, Any]]) -> Any:
     return matplotlib.colormaps["tab20"](next(i for i, r in enumerate(rows) if r["method"] == method) % 20)
 
 
-def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, label: str = "validation accuracy") -> list[Path]:
+def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path,
+          labels: tuple[str, str] = ("validation accuracy", "macro-F1")) -> list[Path]:
+    """``accuracy_vs_trainable.png``, ``scores.png`` (both metrics per method, mean ± std over seeds, as bars) and,
+    when runs validated more than once, ``validation_curves.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    label = labels[0]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for r in rows:
         if r["trainable"] == 0:  # nothing trained (zero-shot): a baseline across the plot, not a point on the log axis
@@ -307,6 +312,23 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, lab
     fig.savefig(first, dpi=120)
     plt.close(fig)
 
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
+    names = [r["method"] for r in rows][::-1]  # the table's order, top to bottom
+    for ax, key, title in zip(axes, ("score", "score2"), labels):
+        picked = rows[::-1]
+        ax.barh(names, [r[f"{key}_mean"] for r in picked], xerr=[r[f"{key}_std"] for r in picked], capsize=3,
+                color=[_colour(r["method"], rows) for r in picked])
+        for y, r in enumerate(picked):
+            ax.annotate(f"{r[f'{key}_mean']:.3f}", (r[f"{key}_mean"], y), textcoords="offset points", xytext=(4, -3), fontsize=7)
+        ax.set_title(f"{title} (mean ± std over seeds)", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+    scores = out / "scores.png"
+    fig.tight_layout()
+    fig.savefig(scores, dpi=120)
+    plt.close(fig)
+    if max((len(x["curve"]) for x in runs), default=0) <= 1:  # one validation per run: a curve would be a dot
+        return [first, scores]
+
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for r in rows:
         curves = [dict(x["curve"]) for x in runs if x["method"] == r["method"]]
@@ -322,7 +344,7 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, lab
     fig.tight_layout()
     fig.savefig(second, dpi=120)
     plt.close(fig)
-    return [first, second]
+    return [first, scores, second]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -390,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "results.md").write_text(
         f"{title}Budget `{budget_name}`: {' '.join(budget)}; seeds {seeds}; {meta['machine']}; {meta['date']}.\n\n" + table
     )
-    images = plots(rows, runs, out, task.metric_labels[0])
+    images = plots(rows, runs, out, task.metric_labels)
     print("\n" + table)
     print("wrote", out / "results.json", out / "results.md", *images)
     return {"rows": rows, "runs": runs}

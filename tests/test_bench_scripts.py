@@ -65,7 +65,7 @@ def test_benchmark_strategies_quick_budget_on_two_methods(tmp_path):
     assert all(len(run["curve"]) == 2 for run in result["runs"])  # one validation per epoch, 2 epochs
     table = (tmp_path / "results.md").read_text()
     assert "LoRA r=8" in table and "full fine-tuning" in table
-    for image in ("accuracy_vs_trainable.png", "validation_curves.png"):
+    for image in ("accuracy_vs_trainable.png", "scores.png", "validation_curves.png"):
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second call reuses the finished runs instead of training again
     again = _script("benchmark_strategies").main(["--quick", "--methods", "lora", "--seeds", "0", "--out", str(tmp_path)])
@@ -127,6 +127,8 @@ def test_benchmark_strategies_llm_task_reports_generation_metrics(tmp_path, tiny
         assert run["score2"] == metrics["final"]["val/loss"]
     table = (tmp_path / "results.md").read_text()
     assert "| method | seeds | ROUGE-L (mean ± std) | validation loss |" in table
+    assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "validation_curves.png").exists()  # one validation per run: no curve to draw
     for method in rows:  # each run's last validation answers, beside the table for a person to read
         assert (tmp_path / "samples" / f"{method}-seed0.md").read_text() == (tmp_path / "runs" / f"{method}-seed0" / "samples.md").read_text()
     with pytest.raises(SystemExit, match="bitfit does not apply to task smollm2_headlines"):
