@@ -313,10 +313,9 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path,
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
-    names = [r["method"] for r in rows][::-1]  # the table's order, top to bottom
+    picked = rows[::-1]  # barh draws bottom-up: reversed, the bars read in the table's order, top to bottom
     for ax, key, title in zip(axes, ("score", "score2"), labels):
-        picked = rows[::-1]
-        ax.barh(names, [r[f"{key}_mean"] for r in picked], xerr=[r[f"{key}_std"] for r in picked], capsize=3,
+        ax.barh([r["method"] for r in picked], [r[f"{key}_mean"] for r in picked], xerr=[r[f"{key}_std"] for r in picked], capsize=3,
                 color=[_colour(r["method"], rows) for r in picked])
         for y, r in enumerate(picked):
             ax.annotate(f"{r[f'{key}_mean']:.3f}", (r[f"{key}_mean"], y), textcoords="offset points", xytext=(4, -3), fontsize=7)
@@ -326,7 +325,9 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path,
     fig.tight_layout()
     fig.savefig(scores, dpi=120)
     plt.close(fig)
+    second = out / "validation_curves.png"
     if max((len(x["curve"]) for x in runs), default=0) <= 1:  # one validation per run: a curve would be a dot
+        second.unlink(missing_ok=True)  # nor keep one from an earlier call beside this table
         return [first, scores]
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -340,7 +341,6 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path,
     ax.set_title(f"{label[0].upper()}{label[1:]} during training")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    second = out / "validation_curves.png"
     fig.tight_layout()
     fig.savefig(second, dpi=120)
     plt.close(fig)

@@ -113,10 +113,11 @@ def test_bench_llm_step_compares_ours_with_hf_peft_and_packing(tmp_path, monkeyp
 
 
 def test_benchmark_strategies_llm_task_reports_generation_metrics(tmp_path, tiny_llama_dir, instructions_jsonl):
-    """The LLM task on the tiny Llama (the quick budget with its model and records swapped in): ROUGE-L and exact match."""
+    """The LLM task on the tiny Llama (the quick budget with its model and records swapped in): ROUGE-L and held-out loss."""
     pytest.importorskip("matplotlib")
     script = _script("benchmark_strategies")
     extra = [f"model.name_or_path={tiny_llama_dir}", f"data.train={instructions_jsonl}"]
+    (tmp_path / "validation_curves.png").write_bytes(b"from an earlier call")
     result = script.main(["--task", "smollm2_headlines", "--quick", "--methods", "lora,prompt_tuning", "--seeds", "0",
                           "--out", str(tmp_path), "--extra", *extra])
     rows = {r["method"]: r for r in result["rows"]}
@@ -128,7 +129,7 @@ def test_benchmark_strategies_llm_task_reports_generation_metrics(tmp_path, tiny
     table = (tmp_path / "results.md").read_text()
     assert "| method | seeds | ROUGE-L (mean ± std) | validation loss |" in table
     assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (tmp_path / "validation_curves.png").exists()  # one validation per run: no curve to draw
+    assert not (tmp_path / "validation_curves.png").exists()  # one validation per run: no curve, nor an earlier one
     for method in rows:  # each run's last validation answers, beside the table for a person to read
         assert (tmp_path / "samples" / f"{method}-seed0.md").read_text() == (tmp_path / "runs" / f"{method}-seed0" / "samples.md").read_text()
     with pytest.raises(SystemExit, match="bitfit does not apply to task smollm2_headlines"):
