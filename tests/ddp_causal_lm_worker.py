@@ -1,6 +1,6 @@
 """One SGD step of CausalLM on 8 records in a real 2-process CPU DDP fit (gloo), run by tests/test_causal_lm.py as a script.
 
-``python tests/ddp_causal_lm_worker.py OUT_FILE``: Lightning relaunches this script as rank 1 and injects its
+``python tests/ddp_causal_lm_worker.py OUT_FILE``: rank 1 runs this script again (started by tests/two_ranks.py) and injects its
 ``DistributedSampler`` into InstructionDataModule's batch sampler, so rank r trains on records r, r+2, r+4, r+6 in
 two micro-batches of 2, accumulated into one step. The completions are uneven across ranks (rank 0: 16 tokens,
 rank 1: 52) and across micro-batches, so any mean of per-rank or per-micro-batch means differs from the mean
@@ -8,6 +8,11 @@ over all 68 completion tokens. Rank 0 saves the weights after the step.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # rank 1 starts now and imports beside rank 0 (tests/two_ranks.py)
+    from two_ranks import start_second_rank
+
+    start_second_rank()
 
 import sys
 from pathlib import Path

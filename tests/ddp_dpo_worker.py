@@ -1,12 +1,17 @@
 """One SGD step of LoRA DPO on 4 preference pairs in a real 2-process CPU DDP fit (gloo), run by tests/test_dpo.py as a script.
 
-``python tests/ddp_dpo_worker.py OUT_DIR``: Lightning relaunches this script as rank 1; rank 0 trains on pair 0 and
+``python tests/ddp_dpo_worker.py OUT_DIR``: rank 1 runs this script again (started by tests/two_ranks.py); rank 0 trains on pair 0 and
 rank 1 on pairs 1-3 (their own shards, no distributed sampler), so a mean per rank would weigh pair 0 three times
 as much as the others. The reference is the same network with its (randomised) adapter disabled. Each rank saves
 its trainable weights after the step to ``OUT_DIR/rank<r>.pt``.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # rank 1 starts now and imports beside rank 0 (tests/two_ranks.py)
+    from two_ranks import start_second_rank
+
+    start_second_rank()
 
 import os
 import sys
@@ -31,7 +36,7 @@ def one_step(devices: int) -> tuple[pl.Trainer, DPO]:
     torch.manual_seed(2)  # LoRA's A is random: inject here, not in the Trainer, whose setup may draw from the RNG
     inject(model, LoRAConfig(r=4, target_modules="all-linear", dropout=0.0))
     randomize(model, std=0.3)  # B != 0: the policy differs from the reference and every adapter weight gets a gradient
-    rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning for the relaunched rank 1
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # set by tests/two_ranks.py for rank 1
     shard = PAIRS if devices == 1 else [PAIRS[:1], PAIRS[1:]][rank]
     dm = PreferenceDataModule(tok, train=shard, val=PAIRS[:1], max_length=32, batch_size=len(shard), template="plain", shuffle=False)
     strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"

@@ -1,12 +1,17 @@
 """Two GRPO steps with LoRA and a KL term in a real 2-process CPU DDP fit (gloo), run by tests/test_grpo.py as a script.
 
-``python tests/ddp_grpo_worker.py OUT_DIR``: Lightning relaunches this script as rank 1; rank r samples from its own
+``python tests/ddp_grpo_worker.py OUT_DIR``: rank 1 runs this script again (started by tests/two_ranks.py); rank r samples from its own
 half of the prompts (no distributed sampler). Each rank saves the adapter before the first step, every rollout it
 scored, and the adapter after the last step, so the test can check that the ranks agree and replay the steps in
 one process with the loss normalised by the tokens of both ranks.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # rank 1 starts now and imports beside rank 0 (tests/two_ranks.py)
+    from two_ranks import start_second_rank
+
+    start_second_rank()
 
 import dataclasses
 import os

@@ -1,6 +1,6 @@
 """A real 2-process CPU DDP fit with the PEFT callback (LoRA, adapter-only checkpoints), run by tests/test_ddp_peft.py.
 
-``python tests/ddp_peft_worker.py OUT_DIR``; Lightning relaunches this script as rank 1. Both ranks
+``python tests/ddp_peft_worker.py OUT_DIR``; rank 1 runs this script again (started by tests/two_ranks.py). Both ranks
 (1) fit 6 steps with an adapter-only ModelCheckpoint every step, (2) resume a fresh module from the
 step-3 checkpoint (an epoch boundary: Lightning restarts a plain dataloader's epoch on resume) to step 6, and write ``OUT_DIR/<phase>-rank<r>.pt``: the trainable tensors after
 the fit, the losses, the names that trained when DDP wrapped the model, and the first batch seen;
@@ -9,6 +9,11 @@ then (3, 4) fit again with the encoder's gradient checkpointing on, re-entrant a
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # rank 1 starts now and imports beside rank 0 (tests/two_ranks.py)
+    from two_ranks import start_second_rank
+
+    start_second_rank()
 
 import sys
 from pathlib import Path

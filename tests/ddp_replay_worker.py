@@ -1,11 +1,16 @@
 """A real 2-process CPU DDP fit with Replay, run by tests/test_replay.py as a script.
 
-``python tests/ddp_replay_worker.py OUT_DIR``: Lightning relaunches this script as rank 1; each rank
+``python tests/ddp_replay_worker.py OUT_DIR``: rank 1 runs this script again (started by tests/two_ranks.py); each rank
 fits 2 epochs on 24 new examples (batch 4) with 12 old ones replayed at ratio 1/3, and writes the ids
 of every batch it trained on to ``OUT_DIR/rank<r>.pt``.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # rank 1 starts now and imports beside rank 0 (tests/two_ranks.py)
+    from two_ranks import start_second_rank
+
+    start_second_rank()
 
 import sys
 from pathlib import Path

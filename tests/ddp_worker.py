@@ -1,13 +1,18 @@
 """A real 2-process CPU DDP fit with GradualUnfreezing and DiscriminativeLR, run by tests/test_ddp.py as a script.
 
 ``python tests/ddp_worker.py OUT_DIR MODE [MODE ...]`` with MODE ``sync`` (the callback as shipped) or
-``nosync`` (its gradient averaging switched off: the control). Lightning relaunches this script as
-rank 1; both ranks fit once per MODE, in order, and each writes ``OUT_DIR/<mode>-rank<r>.pt``:
+``nosync`` (its gradient averaging switched off: the control). Rank 1 runs this script
+again (started by tests/two_ranks.py); both ranks fit once per MODE, in order, and each writes ``OUT_DIR/<mode>-rank<r>.pt``:
 weights before and after the fit, the parameters that trained when DDP wrapped the model and at
 each epoch start, and the inputs of the rank's first batch.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # rank 1 starts now and imports beside rank 0 (tests/two_ranks.py)
+    from two_ranks import start_second_rank
+
+    start_second_rank()
 
 import sys
 from pathlib import Path

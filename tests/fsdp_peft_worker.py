@@ -1,6 +1,6 @@
 """A real 2-process FSDP fit on CPU (gloo) with the PEFT callback, run by tests/test_fsdp_peft.py.
 
-``python tests/fsdp_peft_worker.py OUT_DIR``; Lightning relaunches this script as rank 1. Lightning
+``python tests/fsdp_peft_worker.py OUT_DIR``; rank 1 runs this script again (started by tests/two_ranks.py). Lightning
 refuses ``FSDPStrategy`` without CUDA by an exact type check, and PyTorch's FSDP itself runs on CPU
 with gloo, so :class:`CPUFSDPStrategy` (a subclass that changes nothing) lets the real strategy run
 here. Phases: ``fsdp`` (LoRA on q/v plus the user's head, frozen base sharded by ``FSDPBlockPolicy``,
@@ -12,6 +12,11 @@ base before the fit (and how many of them were compared).
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # rank 1 starts now and imports beside rank 0 (tests/two_ranks.py)
+    from two_ranks import start_second_rank
+
+    start_second_rank()
 
 import sys
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 DDP only averages the gradients of parameters that required grad when it wrapped the model; groups
 that GradualUnfreezing unfreezes later would train on each rank's own data and drift apart. The
-fit runs in a subprocess (tests/ddp_worker.py, relaunched by Lightning as rank 1), never inside
+fit runs in a subprocess (tests/ddp_worker.py, run again as rank 1), never inside
 pytest (see ENVIRONMENT.md). The same fit with the callback's gradient averaging switched off is
 the control: it must diverge, which shows the main assertions can fail.
 """

