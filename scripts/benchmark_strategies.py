@@ -317,8 +317,10 @@ def plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path,
     for ax, key, title in zip(axes, ("score", "score2"), labels):
         ax.barh([r["method"] for r in picked], [r[f"{key}_mean"] for r in picked], xerr=[r[f"{key}_std"] for r in picked], capsize=3,
                 color=[_colour(r["method"], rows) for r in picked])
-        for y, r in enumerate(picked):
-            ax.annotate(f"{r[f'{key}_mean']:.3f}", (r[f"{key}_mean"], y), textcoords="offset points", xytext=(4, -3), fontsize=7)
+        for y, r in enumerate(picked):  # the value right of its error bar, so the bar's cap does not cross it
+            end = r[f"{key}_mean"] + r[f"{key}_std"]
+            ax.annotate(f"{r[f'{key}_mean']:.3f}", (end, y), textcoords="offset points", xytext=(4, -3), fontsize=7)
+        ax.set_xlim(0, 1.15 * max(r[f"{key}_mean"] + r[f"{key}_std"] for r in picked) or 1)  # room for the last value
         ax.set_title(f"{title} (mean ± std over seeds)", fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
     scores = out / "scores.png"
