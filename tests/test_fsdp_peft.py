@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ddp import RANK_VARIABLES, _free_port
+from test_ddp import RANK_VARIABLES
+from two_ranks import free_port
 
 from lightning_peft import list_adapters, load_adapter
 
@@ -26,7 +27,7 @@ PHASES = ("fsdp", "fsdp-adapter", "ddp")
 def runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     out = tmp_path_factory.mktemp("fsdp-peft")
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, cwd=WORKER.parents[1], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"FSDP worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out, {phase: [torch.load(out / f"{phase}-rank{r}.pt") for r in range(2)] for phase in PHASES}

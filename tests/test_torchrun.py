@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import torch
-from test_ddp import RANK_VARIABLES, _free_port
+from test_ddp import RANK_VARIABLES
+from two_ranks import free_port
 
 from conftest import REPO, tiny_overrides
 
@@ -17,7 +18,7 @@ def test_torchrun_launches_scripts_train_with_hydra_overrides(tmp_path, tiny_ber
     run_dir = tmp_path / "run"
     overrides = [o for o in tiny_overrides(tiny_bert_dir) if not o.startswith(("trainer.max_steps", "callbacks.model_checkpoint"))]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(REPO / "scripts" / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
         "peft=lora", "peft.export_peft=false", "callbacks.model_checkpoint.monitor=null", "logger=none", "callbacks.lr_monitor=null",
         f"hydra.run.dir={run_dir}", *overrides,

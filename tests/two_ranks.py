@@ -17,14 +17,19 @@ import subprocess
 import sys
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a process group's ``MASTER_PORT``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_second_rank() -> None:
     """In rank 0 (no ``LOCAL_RANK`` yet): start this script again as rank 1, and at exit fail if rank 1 failed."""
     if "LOCAL_RANK" in os.environ:
         return
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.update(NODE_RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")
     rank1 = subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, "LOCAL_RANK": "1"})
