@@ -12,7 +12,7 @@ alpha=32 on all linear layers, fp32 adapters, AdamW, sequence 2048 x batch 4), m
 
 Runs from a checkout without install (``python scripts/bench_e2e.py``).
 
-Prints tokens/s, peak memory and the ratios the issue sets as targets (ours >= 1.5x PEFT's tokens/s at
+Prints tokens/s, peak memory and the target ratios (ours >= 1.5x PEFT's tokens/s at
 <= 0.75x its peak memory), and writes JSON with ``--out``. Needs a CUDA GPU; ``--cpu-smoke`` runs every
 mode on a tiny model on the CPU to check the script itself.
 

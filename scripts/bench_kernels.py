@@ -20,11 +20,11 @@ forward+backward, in bf16, and prints every time as a ratio to the floor measure
   alone (``x * 1.0``: read x, write y; backward read dy, write dx); rows for eager, compiled and
   Triton.
 
-Peak extra memory is measured as in ``shared/bench/anchor_gpu.py`` (allocated above what is held
-between steps, during one forward+backward); for LoRA the Triton row is "met" within 5% of the
+Peak extra memory is the memory allocated during one forward+backward above what is held
+between steps; for LoRA the Triton row is "met" within 5% of the
 frozen base layer's (x·Aᵀ and dh, M×r each, come on top of it).
 
-Targets (issue 6), ratios to the floor from the same run:
+Targets, ratios to the floor from the same run:
 
 * LoRA forward+backward <= 1.10x the frozen base linear at (8192, 4096→4096), <= 1.25x at
   (16384, 2048→2048) and <= 1.08x at (8192, 4096→14336); peak extra memory no more than the frozen

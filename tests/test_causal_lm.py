@@ -309,20 +309,15 @@ def test_exported_lora_generates_the_same_greedy_tokens_in_hf_peft(tokenizer, tm
 def test_two_ddp_ranks_accumulating_give_the_gradient_of_the_one_large_batch(tmp_path):
     """Per-token mean over all ranks and micro-batches: 2 ranks x 2 accumulated micro-batches of 2 records (Lightning's
     DistributedSampler injected into the window sampler) == 1 process x 8 records, with uneven completions everywhere."""
-    import os
-    import socket
     import subprocess
     import sys
 
     from ddp_causal_lm_worker import one_step
+    from two_ranks import worker_env
 
     from conftest import REPO
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = worker_env()
     out = tmp_path / "ddp.pt"
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_causal_lm_worker.py"), str(out)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)

@@ -9,17 +9,15 @@ the control: it must diverge, which shows the main assertions can fail.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from two_ranks import free_port
+from two_ranks import worker_env
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED")
 LATE_GROUPS = ("bert.encoder.layer.1.", "bert.encoder.layer.0.")  # unfrozen at epochs 1 and 2
 
 
@@ -27,8 +25,7 @@ LATE_GROUPS = ("bert.encoder.layer.1.", "bert.encoder.layer.0.")  # unfrozen at 
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
     """{"sync": [rank 0, rank 1], "nosync": [...]}: what each rank saved after its fit."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = worker_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(out), "sync", "nosync"],
         env=env, cwd=WORKER.parents[1], capture_output=True, text=True, timeout=300,

@@ -3,15 +3,13 @@ identical, the adapter-only checkpoint written by rank 0 resumes on both ranks e
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_ddp import RANK_VARIABLES
-from two_ranks import free_port
+from two_ranks import worker_env
 
 WORKER = Path(__file__).with_name("ddp_peft_worker.py")
 
@@ -19,8 +17,7 @@ WORKER = Path(__file__).with_name("ddp_peft_worker.py")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     out = tmp_path_factory.mktemp("ddp-peft")
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = worker_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, cwd=WORKER.parents[1], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"DDP worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     phases = ("full", "resumed", "checkpointing-reentrant", "checkpointing-nonreentrant", "adapter")

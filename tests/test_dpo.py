@@ -459,20 +459,15 @@ def test_make_dpo_pairs_caches_by_the_fingerprint_of_the_model_that_answered(tmp
 
 def test_two_ddp_ranks_stay_identical_and_give_the_step_of_the_one_large_batch(tmp_path):
     """2 ranks with 1 and 3 pairs == 1 process with 4 pairs: the loss is a mean over all pairs, not a mean of rank means."""
-    import os
-    import socket
     import subprocess
     import sys
 
     from ddp_dpo_worker import one_step
+    from two_ranks import worker_env
 
     from conftest import REPO
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = worker_env()
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_dpo_worker.py"), str(tmp_path)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -7,15 +7,13 @@ end holds full weights (peft #453, #1366) that load into a fresh model.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_ddp import RANK_VARIABLES
-from two_ranks import free_port
+from two_ranks import worker_env
 
 from lightning_peft import list_adapters, load_adapter
 
@@ -26,8 +24,7 @@ PHASES = ("fsdp", "fsdp-adapter", "ddp")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     out = tmp_path_factory.mktemp("fsdp-peft")
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = worker_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, cwd=WORKER.parents[1], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"FSDP worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out, {phase: [torch.load(out / f"{phase}-rank{r}.pt") for r in range(2)] for phase in PHASES}

@@ -362,24 +362,17 @@ def test_adapter_only_checkpoint_and_resume_equal_the_uninterrupted_run(compose,
 
 def test_ddp_ranks_agree_and_equal_one_process_replaying_both_ranks_rollouts(tmp_path):
     """2 ranks, 2 steps: identical adapters on both ranks, equal to SGD on Σ_ranks Σ_tokens loss / all ranks' tokens."""
-    import os
-    import socket
     import subprocess
     import sys
 
     from ddp_grpo_worker import LORA, LR, SETTINGS
+    from two_ranks import worker_env
 
     from conftest import REPO
     from lightning_peft import inject
     from lightning_peft.alignment.grpo import Rollout
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    }
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env = worker_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_grpo_worker.py"), str(tmp_path)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

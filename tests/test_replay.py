@@ -7,7 +7,6 @@ from the batches the module actually trained on which examples were there.
 from __future__ import annotations
 
 import collections
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from two_ranks import free_port
+from two_ranks import worker_env
 
 from lightning_peft import Replay, ReplaySampler
 from lightning_peft.data.replay import replay_count
@@ -249,14 +248,10 @@ def test_resume_draws_the_same_old_examples(tmp_path, limit, workers):
     assert sorted(drawn[:7]) == list(range(7))  # no old example skipped by the read-ahead
 
 
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED")
-
-
 def test_ddp_two_processes_draw_disjoint_shards(tmp_path):
     """A real 2-process CPU DDP fit (tests/ddp_replay_worker.py): each rank's old examples are its own shard of each pass."""
     worker = Path(__file__).with_name("ddp_replay_worker.py")
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = worker_env()
     proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], env=env, cwd=worker.parents[1],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"DDP worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import torch
-from test_ddp import RANK_VARIABLES
-from two_ranks import free_port
+from two_ranks import free_port, worker_env
 
 from conftest import REPO, tiny_overrides
 
@@ -23,8 +21,7 @@ def test_torchrun_launches_scripts_train_with_hydra_overrides(tmp_path, tiny_ber
         "peft=lora", "peft.export_peft=false", "callbacks.model_checkpoint.monitor=null", "logger=none", "callbacks.lr_monitor=null",
         f"hydra.run.dir={run_dir}", *overrides,
     ]
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = worker_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"

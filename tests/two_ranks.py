@@ -16,6 +16,17 @@ import socket
 import subprocess
 import sys
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED")
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a 2-rank worker script: no rank variables (a worker started from a
+    test must be rank 0 of its own group, whatever launched pytest), ``MASTER_ADDR``/``MASTER_PORT`` on a
+    free local port, and ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **extra)
+    return env
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now, for a process group's ``MASTER_PORT``."""
