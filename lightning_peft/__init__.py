@@ -106,6 +106,7 @@ from .peft import (
     merge_and_dequantize,
     merge_and_unload,
     save_adapter,
+    save_merged_model,
     set_adapter,
     unmerge,
 )
@@ -167,6 +168,7 @@ __all__ = [
     "merge_and_dequantize",
     "merge_and_unload",
     "save_adapter",
+    "save_merged_model",
     "set_adapter",
     "unmerge",
     # ready modules, mixins and data

@@ -96,6 +96,17 @@ def test_an_overwrite_keeps_other_files_and_drops_stale_ones(tmp_path):
     import_peft(llama(), folder / "peft")
 
 
+def test_saved_folders_get_the_mode_of_a_mkdir_not_the_private_mode_of_a_temporary_folder(tmp_path):
+    mask = os.umask(0o027)
+    try:
+        save_adapter(lora_llama(seed=2), tmp_path / "out")
+        export_peft(lora_llama(seed=2), tmp_path / "out" / "peft")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "out" / "peft").stat().st_mode & 0o777 == 0o750
+
+
 def test_an_export_mixing_files_of_two_exports_is_refused(tmp_path):
     export_peft(lora_llama(seed=2, alpha=8.0), tmp_path / "a")
     export_peft(lora_llama(seed=3, alpha=16.0), tmp_path / "b")

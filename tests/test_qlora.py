@@ -176,6 +176,28 @@ def test_qlora_trains_through_the_callback_and_only_adapters_change():
     assert all(".adapters." in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_bottleneck_adapters_sit_on_4bit_layers_with_their_real_widths_and_only_they_get_gradients():
+    """A 4-bit layer stores its weight packed ((in*out/2, 1) uint8): widths come from in/out_features, masters are fp32."""
+    from lightning_peft import AdapterConfig
+
+    model = llama()
+    inject(model, QLoRAConfig(r=4, modules_to_save=None))
+    x = token_batch()
+    with torch.no_grad():
+        before = output(model, x)
+    inject(model, AdapterConfig(bottleneck_size=4), adapter_name="bottleneck")
+    adapter = model.model.layers[0].mlp.down_proj.adapters["bottleneck"]
+    assert adapter.down.weight.shape == (4, 32) and adapter.down.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(output(model, x), before)  # up starts at zero
+    randomize(model)
+    loss = output(model, x).square().mean()
+    loss.backward()
+    trained = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert trained and all(".adapters.bottleneck." in n for n in trained)
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.grad is not None and ".up." in n)
+
+
 def test_adapter_saved_from_qlora_loads_onto_a_freshly_quantized_base(tmp_path):
     x = token_batch()
     model = llama()

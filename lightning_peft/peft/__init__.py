@@ -27,6 +27,7 @@ from .functional import (
 from .ia3 import IA3Config
 from .layer import AdapterLayer, adapter_layers
 from .lora import LoRAConfig
+from .merged_export import save_merged_model
 from .peft_format import export_peft, import_peft
 from .prefix import PrefixTuningConfig, PTuningV2Config
 from .prompt import PromptTuningConfig, PTuningConfig
@@ -79,6 +80,7 @@ __all__ = [
     "merge_and_dequantize",
     "merge_and_unload",
     "save_adapter",
+    "save_merged_model",
     "set_adapter",
     "unmerge",
 ]

@@ -141,7 +141,10 @@ def _features(module: nn.Module, side: str) -> int:
     """Input features of the first linear layer (``side="in"``) or output features of the last (``"out"``)."""
     layers = _linears(module)
     layer = layers[0] if side == "in" else layers[-1]
-    in_f, out_f = (layer.weight.shape if is_conv1d(layer) else layer.weight.shape[::-1])
+    if is_conv1d(layer):
+        in_f, out_f = layer.weight.shape
+    else:  # the attributes, not the weight's shape: a 4-bit layer stores its weight packed
+        in_f, out_f = getattr(layer, "in_features", layer.weight.shape[1]), getattr(layer, "out_features", layer.weight.shape[0])
     return int(in_f if side == "in" else out_f)
 
 
@@ -166,7 +169,8 @@ class Bottleneck(nn.Module):
         self.scale = float(spec["scale"])
         d, m = int(spec["dim"]), int(spec["bottleneck"])
         weight = next(base.parameters())
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        # fp32 masters on a 16-bit base, and on a quantized one (whose stored weight is uint8/int8)
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
         self.down = nn.Linear(d, m, device=weight.device, dtype=dtype)
         self.up = nn.Linear(m, d, device=weight.device, dtype=dtype)
         nn.init.zeros_(self.up.weight)

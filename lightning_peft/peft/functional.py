@@ -21,6 +21,7 @@ from ..utils.param_count import count_parameters
 from .config import MethodConfig
 from .layer import AdapterLayer, adapter_layers, validate_adapter_name
 from .modules_to_save import ModulesToSaveLayer
+from .quantization import quantized_merge_blocker
 from .registry import LAYERS, Site, method_for
 from .surgery import replace_module
 from .targeting import (
@@ -224,32 +225,47 @@ def _tied_elsewhere(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in owners.items() if len(v) > 1}
 
 
-def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
-    """Fold adapters (default: the active ones) into the base weights: base-model speed, same outputs.
+def merge_refusal(model: nn.Module, adapter_names: Sequence[str] | None = None, dequantized: bool = False) -> str | None:
+    """Why :func:`merge` would refuse to fold these adapters (default: the active ones) in, or ``None``.
 
-    Raises:
-        RuntimeError: a wrapped weight is tied to another module (e.g. input embeddings shared with
-            the LM head): merging would change both. Keep that adapter unmerged.
+    Checked before anything changes: a layer whose adapters cannot be folded (bottleneck adapters, prompts;
+    a quantized base unless ``dequantized``, i.e. the caller dequantizes it first), and a wrapped weight tied
+    to another module (e.g. input embeddings shared with the LM head), which merging would change too.
     """
     if adapter_names is not None:
         _require(model, list(adapter_names))
-    tied = _tied_elsewhere(model)
-    blocked = [
-        (name, reason) for name, layer in adapter_layers(model)
-        if any(n in layer.adapters for n in (adapter_names or layer.active)) and (reason := layer.merge_blocker()) is not None
-    ]
+    blocked = []
+    for name, layer in adapter_layers(model):
+        if not any(n in layer.adapters for n in (adapter_names or layer.active)):
+            continue
+        reason = layer.merge_blocker()
+        if reason is not None and not (dequantized and reason == quantized_merge_blocker(layer.base_layer)):
+            blocked.append((name, reason))
     if blocked:
         listing = "; ".join(f"{name}: {reason}" for name, reason in blocked[:4]) + (f"; ... ({len(blocked) - 4} more)" if len(blocked) > 4 else "")
-        raise RuntimeError(f"Cannot merge: {listing}")
+        return f"Cannot merge: {listing}"
+    tied = _tied_elsewhere(model)
     for name, layer in adapter_layers(model):
         if isinstance(layer, ModulesToSaveLayer) or layer.merges_tied_weights:
             continue
         for param in layer.base_layer.parameters(recurse=False):
             if id(param) in tied and any(n in layer.adapters for n in (adapter_names or layer.active)):
-                raise RuntimeError(
+                return (
                     f"Cannot merge into {name!r}: its weight is shared with {format_names(tied[id(param)])}, so merging "
                     "would change those too. Keep this adapter unmerged (or exclude the module from the targets)."
                 )
+    return None
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights: base-model speed, same outputs.
+
+    Raises:
+        RuntimeError: :func:`merge_refusal`'s reason (nonlinear adapters or prompts, a quantized base, a
+            wrapped weight tied to another module); nothing is changed then.
+    """
+    if (refusal := merge_refusal(model, adapter_names)) is not None:
+        raise RuntimeError(refusal)
     for _, layer in adapter_layers(model):
         layer.merge(list(adapter_names) if adapter_names is not None else None)
 

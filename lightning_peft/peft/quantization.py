@@ -304,8 +304,10 @@ def merge_and_dequantize(
     weights are quantized again and the report gives the relative weight error and, with
     ``example_inputs`` (a tensor or a dict of keyword arguments), the largest output change it causes.
     """
-    from .functional import merge_and_unload  # model imports this module's is_quantized
+    from .functional import merge_and_unload, merge_refusal  # functional imports this module's is_quantized
 
+    if (refusal := merge_refusal(model, dequantized=True)) is not None:  # before dequantizing anything
+        raise RuntimeError(refusal)
     quantized_sites = [n for n, m in model.named_modules() if is_quantized(m)]
     dequantized = dequantize_model(model, dtype)
     merge_and_unload(model)

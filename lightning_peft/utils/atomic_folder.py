@@ -39,6 +39,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -130,6 +136,7 @@ def atomic_folder(target: str | os.PathLike, owned: Collection[str] = ()) -> Ite
     _remove_dead_temps(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}.tmp-{os.getpid()}-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the saved folder gets the mode of a mkdir
         yield tmp
         previous = resolve_folder(target)
         if previous.exists():
