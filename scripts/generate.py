@@ -7,7 +7,8 @@ Examples:
 
 ``--adapter`` takes a folder written by ``save_adapter`` or the ``PEFT`` callback, a folder in Hugging Face
 PEFT's layout, or a Lightning checkpoint saved with the ``PEFT`` callback. ``--file`` reads one prompt per
-line from a ``.txt`` file, or ``{"prompt": ...}`` records from a ``.jsonl`` file. Answers are greedy.
+line from a ``.txt`` file, or ``{"prompt": ...}`` records from a ``.jsonl`` file. Answers are greedy unless
+``--temperature`` is above 0 (sampling, with ``--top-p``/``--top-k``; ``--seed`` makes it repeatable).
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--template", choices=("auto", "chat", "plain"), default="auto", help="prompt template (default: the chat template when the tokenizer has one)")
     parser.add_argument("--system-prompt", default=None, help="system message for chat templates")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this much probability")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     args = parser.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        parser.error("--temperature must be >= 0, --top-p in (0, 1] and --top-k >= 0")
     prompts = read_prompts(args)
 
     import torch
@@ -66,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     ids = [prompt_ids(tokenizer, {"prompt": p, "completion": "-"}, args.template, args.system_prompt, i) for i, p in enumerate(prompts)]
     batch = pad_examples([EncodedExample(p, p) for p in ids], tokenizer.pad_token_id, side="left")
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k} if args.temperature > 0 else {}
+    torch.manual_seed(args.seed)
     with torch.no_grad():
-        answers = module.generate(batch["input_ids"], batch["attention_mask"])
+        answers = module.generate(batch["input_ids"], batch["attention_mask"], **sampling)
     for prompt, answer in zip(prompts, answers):
         if args.json:
             print(json.dumps({"prompt": prompt, "generated": answer}, ensure_ascii=False))

@@ -211,6 +211,37 @@ def test_generate_script_with_a_saved_adapter_prints_what_the_trained_module_gen
     assert got == expected
 
 
+def test_generate_script_samples_repeatably_with_a_seed_as_the_module_does(tokenizer, tmp_path, capsys):
+    import importlib.util
+
+    from conftest import REPO
+    from lightning_peft.data.instructions import EncodedExample, prompt_ids
+
+    spec = importlib.util.spec_from_file_location("generate_script", REPO / "scripts" / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = tmp_path / "base"
+    tiny_llama(seed=5).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    prompts = ["Name a fruit.", "Two plus two?"]
+    module = CausalLM(str(base), max_new_tokens=8).eval()
+    ids = [prompt_ids(module.tokenizer, {"prompt": p, "completion": "-"}, "plain") for p in prompts]
+    batch = pad_examples([EncodedExample(i, i) for i in ids], module.tokenizer.pad_token_id, side="left")
+
+    def sampled(seed: int) -> list[str]:
+        script.main(["--model", str(base), "--template", "plain", "--max-new-tokens", "8", "--json", "--temperature", "1.5",
+                     "--top-k", "50", "--seed", str(seed), *[a for p in prompts for a in ("--prompt", p)]])
+        return [json.loads(line)["generated"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+    torch.manual_seed(3)
+    expected = module.generate(batch["input_ids"], batch["attention_mask"], do_sample=True, temperature=1.5, top_p=1.0, top_k=50)
+    assert sampled(3) == expected == sampled(3)
+    assert expected != module.generate(batch["input_ids"], batch["attention_mask"])  # not the greedy answers
+    with pytest.raises(SystemExit):
+        script.main(["--prompt", "x", "--temperature", "-1"])
+    assert "--temperature must be >= 0" in capsys.readouterr().err
+
+
 def test_hydra_llm_job_trains_lora_and_writes_adapter_samples_and_metrics(compose, tiny_llama_dir, instructions_jsonl):
     from conftest import tiny_llm_overrides
     from lightning_peft.cli.train import train
