@@ -63,14 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, FileExistsError, NotADirectoryError) as error:
         sys.exit(f"error: {error}")
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    weights_dtype = str(next(module.model.parameters()).dtype).replace("torch.", "")  # as saved
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # only the saved weights' rounding counts
     with torch.no_grad():
         after = reloaded(input_ids=probe).logits.float()
     difference = float((after - before).abs().max())
     relative = float((after - before).norm() / before.norm())
     same_argmax = int((after.argmax(-1) == before.argmax(-1)).sum())
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())  # bytes on disk
-    weights_dtype = str(next(reloaded.parameters()).dtype).replace("torch.", "")
     print(f"merged model written to {out} ({size / 2**20:,.1f} MiB, {weights_dtype}, {count_parameters(reloaded).total:,} parameters)")
     print(f"reloaded with AutoModelForCausalLM: max |logit difference| to base + adapter {difference:.3g} "
           f"(relative {relative:.2g}) on a {probe.shape[1]}-token probe; next-token argmax equal at {same_argmax}/{probe.shape[1]} positions")

@@ -145,11 +145,18 @@ def test_qlora_merges_into_the_dequantized_base_and_a_refusal_leaves_the_quantiz
     with torch.no_grad():
         assert torch.equal(output(blocked, x), before)
 
+    default = copy.deepcopy(model)
     save_merged_model(model, tmp_path / "merged", dtype=torch.float32)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any(is_quantized(m) for m in reloaded.modules())
     with torch.no_grad():
         torch.testing.assert_close(output(reloaded, x), expected, rtol=1e-4, atol=1e-4)
+    save_merged_model(default, tmp_path / "merged-bf16")  # default: the dequantized base in bf16, the whole model in it
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-bf16", dtype="auto").eval()
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        got = output(reloaded.float(), x)
+    assert float((got - expected).norm() / expected.norm()) < 2e-2
 
 
 def test_merge_adapter_script_writes_checks_and_refuses(base_dir, tmp_path, capsys):

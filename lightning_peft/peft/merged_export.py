@@ -51,7 +51,8 @@ def save_merged_model(
     :class:`~lightning_peft.CausalLM`, whose tokenizer is then saved too unless ``tokenizer`` is given). It is
     changed in place into the merged plain model, as PEFT's ``merge_and_unload`` does; inactive adapters are
     dropped (logged). A quantized base (QLoRA) is dequantized first, to ``dtype`` (default bfloat16), so the
-    update is not re-rounded to 4 bits; ``dtype`` otherwise casts the saved weights (default: as they are).
+    update is not re-rounded to 4 bits, and the whole model is saved in that dtype; ``dtype`` otherwise casts the
+    saved weights (default: as they are).
 
     Raises:
         RuntimeError: adapters that cannot be merged (bottleneck adapters, prompts, a tied weight), with the
@@ -86,11 +87,12 @@ def save_merged_model(
     if dropped:
         log.warning("save_merged_model: merging %s; inactive adapters %s are dropped", format_names(merged), format_names(dropped))
     if quantized:
-        merge_and_dequantize(target, dtype or torch.bfloat16)
+        dtype = dtype or torch.bfloat16
+        merge_and_dequantize(target, dtype)
     else:
         merge_and_unload(target)
     if dtype is not None:
-        target.to(dtype)
+        target.to(dtype)  # the whole model, so the folder holds one dtype (a dequantized base: its norms and embeddings too)
     with atomic_folder(path, owned=existing) as tmp:
         target.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
