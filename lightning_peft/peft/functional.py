@@ -234,10 +234,9 @@ def merge_refusal(model: nn.Module, adapter_names: Sequence[str] | None = None, 
     """
     if adapter_names is not None:
         _require(model, list(adapter_names))
+    layers = [(name, layer) for name, layer in adapter_layers(model) if any(n in layer.adapters for n in (adapter_names or layer.active))]
     blocked = []
-    for name, layer in adapter_layers(model):
-        if not any(n in layer.adapters for n in (adapter_names or layer.active)):
-            continue
+    for name, layer in layers:
         reason = layer.merge_blocker()
         if reason is not None and not (dequantized and reason == quantized_merge_blocker(layer.base_layer)):
             blocked.append((name, reason))
@@ -245,11 +244,11 @@ def merge_refusal(model: nn.Module, adapter_names: Sequence[str] | None = None, 
         listing = "; ".join(f"{name}: {reason}" for name, reason in blocked[:4]) + (f"; ... ({len(blocked) - 4} more)" if len(blocked) > 4 else "")
         return f"Cannot merge: {listing}"
     tied = _tied_elsewhere(model)
-    for name, layer in adapter_layers(model):
+    for name, layer in layers:
         if isinstance(layer, ModulesToSaveLayer) or layer.merges_tied_weights:
             continue
         for param in layer.base_layer.parameters(recurse=False):
-            if id(param) in tied and any(n in layer.adapters for n in (adapter_names or layer.active)):
+            if id(param) in tied:
                 return (
                     f"Cannot merge into {name!r}: its weight is shared with {format_names(tied[id(param)])}, so merging "
                     "would change those too. Keep this adapter unmerged (or exclude the module from the targets)."

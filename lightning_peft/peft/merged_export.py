@@ -83,7 +83,8 @@ def save_merged_model(
     quantized = any(is_quantized(m) for m in target.modules())
     if (refusal := merge_refusal(target, dequantized=quantized)) is not None:
         raise RuntimeError(f"{refusal}. Save the adapter instead (save_adapter / export_peft) and load it on the base model.")
-    merged, dropped = active_adapters(target), [n for n in list_adapters(target) if n not in active_adapters(target)]
+    merged = active_adapters(target)
+    dropped = [n for n in list_adapters(target) if n not in merged]
     if dropped:
         log.warning("save_merged_model: merging %s; inactive adapters %s are dropped", format_names(merged), format_names(dropped))
     if quantized:
