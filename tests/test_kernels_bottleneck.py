@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import CUDA, DEVICE, assert_like_reference, leaves, run_and_grads
+from kernel_checks import CUDA, DEVICE, NEEDS_NEW_INTERPRETER, assert_like_reference, leaves, run_and_grads
 
 from lightning_peft.kernels import (
     ACTIVATIONS,
@@ -122,6 +122,7 @@ def test_bf16(lead, d, m):
 
 
 @pytest.mark.skipif(CUDA, reason="float64 Triton dots are an interpreter-only path (dispatch uses the reference)")
+@NEEDS_NEW_INTERPRETER
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_gradcheck_float64(activation):
     t, _ = masters((2, 3), 5, 3, residual=True, seed=7)

@@ -14,7 +14,16 @@ import sys
 
 import pytest
 import torch
-from kernel_checks import CUDA, DEVICE, assert_like_reference, assert_rank_r_like_reference, base64, leaves, run_and_grads
+from kernel_checks import (
+    CUDA,
+    DEVICE,
+    NEEDS_NEW_INTERPRETER,
+    assert_like_reference,
+    assert_rank_r_like_reference,
+    base64,
+    leaves,
+    run_and_grads,
+)
 
 from lightning_peft.kernels import (
     dispatch,
@@ -186,6 +195,7 @@ def test_non_contiguous_input():
 
 
 @pytest.mark.skipif(CUDA, reason="float64 Triton dots are an interpreter-only path (dispatch uses the reference)")
+@NEEDS_NEW_INTERPRETER
 def test_gradcheck_float64():
     m, _ = masters((2, 3), 5, 4, 3, True, seed=8)
     args = leaves(m, torch.float64, set(ORDER))

@@ -74,6 +74,16 @@ def _rank_r_backward(
     return rank, da, db
 
 
+def _accumulate(c: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+    """``c + a·b`` (``c + a`` when b is None) written into ``c`` (no second output buffer); out of place while
+    ``torch.compile`` traces: an in-place op on the tensor an ``autograd.Function.forward`` returns makes
+    torch 2.11's dynamo route its gradient to the wrong output, zero gradients for every input (pytorch#180642;
+    torch 2.14 is right either way, and inductor plans the buffers itself)."""
+    if torch.compiler.is_compiling():
+        return c + a if b is None else torch.addmm(c, a, b)
+    return c.add_(a) if b is None else c.addmm_(a, b)
+
+
 class LoRAAddmmFunction(torch.autograd.Function):
     """Autograd wrapper of the path (module docstring); 2-D inputs, ``ops = (skinny, dy_pass)``."""
 
@@ -86,7 +96,7 @@ class LoRAAddmmFunction(torch.autograd.Function):
             u = skinny(x if xd is None else xd, lora_a.t())  # (M, r) fp32: x̃·Aᵀ
             us, bt = (u * scale).to(dt), lora_b.to(dt).t()
             y = torch.mm(us, bt) if bias is None else torch.addmm(bias.to(dt), us, bt)  # the rank-r output
-            y.addmm_(x, weight.t())  # beta=1: cuBLAS accumulates x·Wᵀ onto it
+            y = _accumulate(y, x, weight.t())  # beta=1: cuBLAS accumulates x·Wᵀ onto it
         ctx.scale, ctx.ops = scale, ops
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, xd, weight, lora_a, lora_b, u)
@@ -180,7 +190,7 @@ class LoRAAccumulateFunction(torch.autograd.Function):
             if rows is None:
                 out = torch.addmm(y, us, bt)  # one read of y, one write of the sum
                 if bias is not None:
-                    out.add_(bias.to(dt))
+                    out = _accumulate(out, bias.to(dt))
             else:
                 t = torch.mm(us, bt) if bias is None else torch.addmm(bias.to(dt), us, bt)
                 out = y.index_add(0, rows, t)
