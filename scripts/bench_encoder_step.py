@@ -7,7 +7,10 @@ All three see the same batch of BBC News articles and a 5-class head on mean-poo
 frozen encoder's forward and backward (activation gradients only: what any adapter needs at least). Ours and
 HF PEFT wrap the same weights with the same LoRA and train adapter and head with AdamW. The steps are timed in
 turn (floor, ours, PEFT, floor, ...) and medians reported, so a change in the machine's load hits all alike;
-the ratios are the result. Peak memory is not compared here (one process holds all three).
+the ratios are the result. Memory, from one more step of each after the timing: the peak bytes of the tensors
+the step allocates (``track_tensor_memory``: weights, inputs and optimizer state existed before and do not
+count; a CPU has no allocator statistics and one process holds all three models) and the bytes autograd
+saves for backward (``count_saved_bytes``, parameters left out).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     from lightning_peft import LoRAConfig, inject, load_backbone, load_tokenizer
     from lightning_peft.data.datasets import load_bbc_news
+    from lightning_peft.utils.saved_memory import count_saved_bytes
+    from lightning_peft.utils.tensor_memory import track_tensor_memory
 
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
@@ -78,13 +83,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ours = copy.deepcopy(encoder)
     inject(ours, LoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules=targets, dropout=0.0))
     theirs = get_peft_model(copy.deepcopy(encoder), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0))
-    medians = interleaved_medians({"frozen": frozen_step, "ours": trainer_step(ours), "peft": trainer_step(theirs)}, args.steps)
+    steps = {"frozen": frozen_step, "ours": trainer_step(ours), "peft": trainer_step(theirs)}
+    medians = interleaved_medians(steps, args.steps)
+    mib = {}
+    for name, step in steps.items():  # after the timed steps: AdamW's state exists, as in any later step
+        model = {"frozen": encoder, "ours": ours, "peft": theirs}[name]
+        with track_tensor_memory() as mem, count_saved_bytes(exclude=list(model.parameters())) as saved:
+            step()
+        mib[name] = {"peak": mem.peak / 2**20, "saved": saved.bytes / 2**20}
     results: dict[str, object] = {
         "model": args.model, "batch": args.batch, "length": args.length, "rank": args.rank, "targets": targets,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         "frozen_fwd_bwd_s": medians["frozen"], "lightning_peft_lora_step_s": medians["ours"], "hf_peft_lora_step_s": medians["peft"],
         "ours_over_frozen_time": medians["ours"] / medians["frozen"], "peft_over_frozen_time": medians["peft"] / medians["frozen"],
         "ours_over_peft_speed": medians["peft"] / medians["ours"],
+        "frozen_step_peak_MiB": mib["frozen"]["peak"], "lightning_peft_step_peak_MiB": mib["ours"]["peak"],
+        "hf_peft_step_peak_MiB": mib["peft"]["peak"], "ours_over_peft_peak": mib["ours"]["peak"] / mib["peft"]["peak"],
+        "ours_over_frozen_peak": mib["ours"]["peak"] / mib["frozen"]["peak"],
+        "frozen_saved_MiB": mib["frozen"]["saved"], "lightning_peft_saved_MiB": mib["ours"]["saved"],
+        "hf_peft_saved_MiB": mib["peft"]["saved"],
     }
     for key, value in results.items():
         print(f"{key:<30} {value:.4g}" if isinstance(value, float) else f"{key:<30} {value}")

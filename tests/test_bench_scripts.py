@@ -155,8 +155,11 @@ def test_bench_encoder_step_times_ours_peft_and_the_floor(tmp_path, monkeypatch)
     data = _script("bench_encoder_step").main(["--batch", "2", "--length", "16", "--steps", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == data
     assert data["targets"] == ["query", "value"]
-    for key in ("frozen_fwd_bwd_s", "lightning_peft_lora_step_s", "hf_peft_lora_step_s", "ours_over_frozen_time", "ours_over_peft_speed"):
+    for key in ("frozen_fwd_bwd_s", "lightning_peft_lora_step_s", "hf_peft_lora_step_s", "ours_over_frozen_time", "ours_over_peft_speed",
+                "frozen_step_peak_MiB", "lightning_peft_step_peak_MiB", "hf_peft_step_peak_MiB"):
         assert data[key] > 0, key
+    # the adapters keep x·Aᵀ besides what the frozen encoder keeps; ours no more than PEFT's
+    assert data["frozen_saved_MiB"] < data["lightning_peft_saved_MiB"] <= data["hf_peft_saved_MiB"]
 
 
 def test_benchmark_alignment_dpo_before_and_after_on_the_tiny_llama(tmp_path, tiny_llama_dir):
