@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 20 in one command, at most ~9.5 minutes on an H100/H200:
+# The GPU measurement of the fused kernels in one command, at most ~9.5 minutes on an H100/H200:
 #
 #   bash scripts/gpu_check.sh          # JSON and logs in $OUT, or in docs/results/gpu/ when OUT is unset
 #
@@ -39,10 +39,16 @@ step() {  # step NAME LIMIT_S COMMAND...
   STEPS="${STEPS:+$STEPS, }{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0)), \"log\": \"$name.log\"}"
 }
 
-"$PY" -c 'import json, platform, torch
+"$PY" -c 'import importlib.metadata as md, json, platform, torch
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
 print(json.dumps(dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                       capability=torch.cuda.get_device_capability() if torch.cuda.is_available() else None,
-                      torch=torch.__version__, python=platform.python_version())))' >"$DEST/env.json" 2>>"$DEST/gpu_check.log"
+                      torch=torch.__version__, python=platform.python_version(),
+                      **{name: version(name) for name in ("triton", "transformers", "peft", "lightning")})))' >"$DEST/env.json" 2>>"$DEST/gpu_check.log"
 cat "$DEST/env.json"
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check.sh needs a CUDA GPU (torch.cuda.is_available() is False with $PY)" | tee -a "$DEST/gpu_check.log"
