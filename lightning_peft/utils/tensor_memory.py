@@ -1,9 +1,11 @@
-"""Peak bytes of the tensors a block of code allocates: ``torch.cuda.max_memory_allocated`` for any device.
+"""Peak bytes of the tensors a block of code allocates on a CPU: what ``torch.cuda.max_memory_allocated`` tells on a GPU.
 
 A CPU has no allocator statistics and a process's resident set mixes in the interpreter, libraries and freed
 pages, so benchmarks on a CPU count tensor storages instead: every storage an op creates inside the block
 counts from its creation until it is freed. Views and in-place results share their input's storage and do not
-count; storages that existed before the block (weights, inputs, optimizer state) do not count either.
+count; storages that existed before the block (weights, inputs, optimizer state) do not count either. The
+count is per thread: a CPU backward runs in the calling thread and counts, a CUDA backward runs in autograd's
+device threads and would not (use the CUDA allocator's statistics there).
 """
 
 from __future__ import annotations
@@ -53,8 +55,6 @@ class TensorMemory(TorchDispatchMode):
 @contextlib.contextmanager
 def track_tensor_memory() -> Iterator[TensorMemory]:
     """Count the tensor memory the block allocates (module docstring); read ``.peak`` and ``.current`` after it.
-
-    Backward passes on a CPU run in the calling thread and count too.
 
     Example:
         >>> x = torch.randn(256, 256)  # 256 KiB that existed before: not counted
