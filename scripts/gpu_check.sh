@@ -39,11 +39,11 @@ step() {  # step NAME LIMIT_S COMMAND...
   STEPS="${STEPS:+$STEPS, }{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0)), \"log\": \"$name.log\"}"
 }
 
-"$PY" -c 'import importlib.metadata as md, json, platform, torch
+"$PY" -c 'import json, platform, torch
 def version(name):
     try:
-        return md.version(name)
-    except md.PackageNotFoundError:
+        return __import__(name).__version__  # also for builds named otherwise (pytorch-triton)
+    except Exception:
         return None
 print(json.dumps(dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                       capability=torch.cuda.get_device_capability() if torch.cuda.is_available() else None,

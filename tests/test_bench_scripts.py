@@ -158,7 +158,7 @@ def test_bench_encoder_step_times_ours_peft_and_the_floor(tmp_path, monkeypatch)
     for key in ("frozen_fwd_bwd_s", "lightning_peft_lora_step_s", "hf_peft_lora_step_s", "ours_over_frozen_time", "ours_over_peft_speed",
                 "frozen_step_peak_MiB", "lightning_peft_step_peak_MiB", "hf_peft_step_peak_MiB"):
         assert data[key] > 0, key
-    # the adapters keep x·Aᵀ besides what the frozen encoder keeps; ours no more than PEFT's
+    # the adapted layers also keep their input x and x·Aᵀ (a frozen linear keeps nothing for its weight); ours no more than PEFT's
     assert data["frozen_saved_MiB"] < data["lightning_peft_saved_MiB"] <= data["hf_peft_saved_MiB"]
 
 

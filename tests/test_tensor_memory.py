@@ -38,8 +38,24 @@ def test_backward_on_the_cpu_counts_gradients_and_activations_then_frees_them():
     with track_tensor_memory() as mem:
         layer(x).relu().sum().backward()
     grads = sum(p.grad.untyped_storage().nbytes() for p in layer.parameters())
-    activation = 128 * 512 * 4  # the linear output kept for relu's backward
+    activation = 128 * 512 * 4  # relu's output, kept for its backward
     assert mem.current == grads  # only the gradients outlive the step
     assert mem.peak >= grads + activation
     layer.zero_grad(set_to_none=True)
     assert mem.current == 0
+
+
+def test_grown_storages_count_their_new_size_and_sparse_or_shared_storages_do_not_break_it():
+    w = torch.randn(1000)
+    with track_tensor_memory() as mem:
+        y = torch.empty(0)
+        torch.randn(1000, out=y)  # out= grows the block's own storage: 4,000 bytes
+        assert mem.current == 4000
+        y.resize_(2000)
+        assert mem.current == 8000
+        shared = torch.empty(0).set_(w.untyped_storage())  # w's storage, older than the block
+        sparse = torch.eye(4).to_sparse()  # counted through nothing, but no error
+        product = torch.sparse.mm(sparse, torch.ones(4, 2))  # 32 bytes
+    assert shared.numel() == 1000 and product.sum() == 8
+    assert mem.current == 8000 + 32  # y and the product; the dense eye was freed, the sparse tensor has no plain storage
+    assert mem.peak >= 8000 + 64  # the dense eye while it lived

@@ -3,9 +3,10 @@
 A CPU has no allocator statistics and a process's resident set mixes in the interpreter, libraries and freed
 pages, so benchmarks on a CPU count tensor storages instead: every storage an op creates inside the block
 counts from its creation until it is freed. Views and in-place results share their input's storage and do not
-count; storages that existed before the block (weights, inputs, optimizer state) do not count either. The
-count is per thread: a CPU backward runs in the calling thread and counts, a CUDA backward runs in autograd's
-device threads and would not (use the CUDA allocator's statistics there).
+count; storages that existed before the block (weights, inputs, optimizer state) do not count either, nor do
+tensors without a plain storage (sparse, MKLDNN). A storage that grows (``resize_``, ``out=``) counts its new
+size. Backward passes count (autograd runs them with the mode); threads the code starts itself (DataLoader
+workers) are not seen. On a GPU, ``torch.cuda.max_memory_allocated`` is the allocator's own answer.
 """
 
 from __future__ import annotations
@@ -28,28 +29,39 @@ class TensorMemory(TorchDispatchMode):
         super().__init__()
         self.current = 0
         self.peak = 0
-        self._live: dict[int, weakref.ref] = {}
+        self._live: dict[int, list] = {}  # id(storage) -> [weakref, bytes counted]
 
-    def _freed(self, key: int, nbytes: int) -> None:
-        if self._live.pop(key, None) is not None:
-            self.current -= nbytes
+    def _freed(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        before = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        before = {id(s) for s in _storages((args, kwargs))}
         out = func(*args, **kwargs)
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
+        for storage in _storages(out) + _storages((args, kwargs)):  # new outputs; inputs resized in place (out=, resize_)
             key = id(storage)  # torch keeps one Python object per live storage, so the id is stable while it lives
-            if key in before or key in self._live:
-                continue
             nbytes = storage.nbytes()
-            self._live[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, n))
-            self.current += nbytes
+            if key in self._live:
+                self.current += nbytes - self._live[key][1]
+                self._live[key][1] = nbytes
+            elif key not in before:
+                self._live[key] = [weakref.ref(storage, lambda _, k=key: self._freed(k)), nbytes]
+                self.current += nbytes
             self.peak = max(self.peak, self.current)
         return out
+
+
+def _storages(tree) -> list[torch.UntypedStorage]:
+    """The storages in ``tree`` (of tensors with a plain storage off the meta device, and storages themselves)."""
+    found = []
+    for leaf in tree_leaves(tree):
+        if isinstance(leaf, torch.UntypedStorage):
+            found.append(leaf)
+        elif isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided and not leaf.is_mkldnn and leaf.device.type != "meta":
+            found.append(leaf.untyped_storage())
+    return found
 
 
 @contextlib.contextmanager
