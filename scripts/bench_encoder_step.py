@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ours = copy.deepcopy(encoder)
     inject(ours, LoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules=targets, dropout=0.0))
     theirs = get_peft_model(copy.deepcopy(encoder), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lora_dropout=0.0))
+    models = {"frozen": encoder, "ours": ours, "peft": theirs}
     steps = {"frozen": frozen_step, "ours": trainer_step(ours), "peft": trainer_step(theirs)}
     medians = interleaved_medians(steps, args.steps)
     mib = {}
     for name, step in steps.items():  # after the timed steps: AdamW's state exists, as in any later step
-        model = {"frozen": encoder, "ours": ours, "peft": theirs}[name]
-        with track_tensor_memory() as mem, count_saved_bytes(exclude=list(model.parameters())) as saved:
+        with track_tensor_memory() as mem, count_saved_bytes(exclude=list(models[name].parameters())) as saved:
             step()
         mib[name] = {"peak": mem.peak / 2**20, "saved": saved.bytes / 2**20}
     results: dict[str, object] = {

@@ -8,6 +8,7 @@ import torch
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
+
 def _interpreter_runs_fp64_dots() -> bool:
     """Triton's CPU interpreter before 3.8 asserts on float64 ``tl.dot`` and benchmarks autotune configs through a
     GPU driver; the tests that need either are skipped there (a GPU run never takes those paths)."""

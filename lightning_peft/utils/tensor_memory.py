@@ -38,9 +38,10 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        before = {id(s) for s in _storages((args, kwargs))}
+        inputs = _storages((args, kwargs))  # the same Python objects after the op (torch keeps one per live storage)
+        before = {id(s) for s in inputs}
         out = func(*args, **kwargs)
-        for storage in _storages(out) + _storages((args, kwargs)):  # new outputs; inputs resized in place (out=, resize_)
+        for storage in _storages(out) + inputs:  # new outputs; inputs resized in place (out=, resize_)
             key = id(storage)  # torch keeps one Python object per live storage, so the id is stable while it lives
             nbytes = storage.nbytes()
             if key in self._live:
