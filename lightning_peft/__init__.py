@@ -112,6 +112,8 @@ from .peft import (
 )
 from .peft.checkpoint import check_adapter_only_checkpoint
 from .utils.param_count import ParamCount, count_parameters
+from .utils.saved_memory import count_saved_bytes
+from .utils.tensor_memory import track_tensor_memory
 
 __version__ = "0.1.0"
 
@@ -200,6 +202,7 @@ __all__ = [
     "LayerGroup",
     "NonFiniteError",
     "count_parameters",
+    "count_saved_bytes",
     "distillation_loss",
     "extract_features",
     "find_backbone",
@@ -224,6 +227,7 @@ __all__ = [
     "soft_target_loss",
     "token_distillation_loss",
     "sync_replicated_gradients",
+    "track_tensor_memory",
     "unfreeze",
     "warmup_schedule",
 ]

@@ -13,9 +13,8 @@ from tiny_models import randomize
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_peft import LoRAConfig, adapter_batch, inject, set_adapter
+from lightning_peft import LoRAConfig, adapter_batch, count_saved_bytes, inject, set_adapter
 from lightning_peft.peft.lora import LoRALayer
-from lightning_peft.utils.saved_memory import count_saved_bytes
 
 CASES = ["single", "two_active", "mixed_batch", "conv1d", "bf16_masters", "base_trains"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_peft.utils.tensor_memory import track_tensor_memory
+from lightning_peft import track_tensor_memory
 
 KIB = 1024
 
